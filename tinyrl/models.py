@@ -1,0 +1,381 @@
+"""Loading policy and critic models, and building the tiny local Qwen2 model used by tests and the CPU demo.
+
+The tiny model is a real Qwen2 checkpoint (config.json + model.safetensors + tokenizer files), so
+`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and vLLM load it like any other.
+Its tokenizer is a byte-level BPE built the way Qwen2's is, because transformers 5 ignores the saved
+tokenizer class of a `qwen2` checkpoint and rebuilds Qwen2's pipeline from the saved vocab and merges:
+any other kind of vocab would silently lose spaces on reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "END_OF_TEXT",
+    "IM_END",
+    "IM_START",
+    "SPECIAL_TOKENS",
+    "build_tiny_model",
+    "count_parameters",
+    "load_critic",
+    "load_policy",
+    "train_tokenizer",
+]
+
+END_OF_TEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
+MIN_HEAD_DIM = 32  # vLLM's CPU attention rejects smaller heads
+_BYTE_ALPHABET_SIZE = 256
+
+# Qwen2's pre-tokenizer split, one alternative per line, tried in order. It must split exactly like the
+# pattern transformers rebuilds when it reloads a qwen2 tokenizer (a test compares the two tokenizations).
+_SPLIT_ALTERNATIVES = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",  # English contractions, any case
+    r"[^\r\n\p{L}\p{N}]?\p{L}+",  # a run of letters, with at most one leading space or symbol glued on
+    r"\p{N}",  # every digit on its own, so numbers never merge into opaque chunks
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # a run of symbols, with an optional leading space and trailing line breaks
+    r"\s*[\r\n]+",  # whitespace that ends in line breaks
+    r"\s+(?!\S)",  # whitespace not followed by a word: leaves the last space to glue onto the next word
+    r"\s+",  # any remaining whitespace
+)
+SPLIT_PATTERN = "|".join(_SPLIT_ALTERNATIVES)
+
+# ChatML: every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; the generation prompt opens an
+# assistant turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is not string -%}"
+    "{{- raise_exception('chat message content must be a string, got: ' ~ message['content']) -}}"
+    "{%- endif -%}"
+    "{{- '" + IM_START + "' ~ message['role'] ~ '\\n' ~ message['content'] ~ '" + IM_END + "\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '" + IM_START + "assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a Qwen2-style byte-level BPE tokenizer on `texts`.
+
+    Ids 0, 1, 2 are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`; then the 256 byte symbols; then merges,
+    up to `vocab_size` tokens in all (fewer when the texts hold fewer repeated pairs). The tokenizer
+    NFC-normalises its input, as Qwen2's does, and decodes any NFC text back exactly.
+    `pad_token` and `eos_token` are `<|endoftext|>`; the chat template is ChatML.
+    """
+    corpus = _checked_texts(texts)
+    _check_vocab_size(vocab_size)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 1024,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Train a tokenizer on `texts`, build a randomly initialised float32 Qwen2ForCausalLM and save both.
+
+    The checkpoint is written to a temporary directory next to `out_dir` and renamed into place, so a
+    reader never sees half a model. `out_dir` may be missing, empty, or an earlier model directory (which
+    is replaced); anything else is refused. The model's vocabulary is exactly the tokenizer's. The same
+    texts and seed give identical vocab and weights. Returns `out_dir`.
+    """
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("intermediate_size", intermediate_size),
+        ("max_position_embeddings", max_position_embeddings),
+    ):
+        _check_positive_int(name, value)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    if hidden_size // num_heads < MIN_HEAD_DIM:
+        raise ValueError(
+            f"head_dim = hidden_size / num_heads = {hidden_size} / {num_heads} = {hidden_size // num_heads} "
+            f"must be >= {MIN_HEAD_DIM} (vLLM's CPU attention rejects smaller heads): "
+            "raise hidden_size or lower num_heads"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    corpus = _checked_texts(texts)
+    _check_vocab_size(vocab_size)
+
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer.model_max_length = max_position_embeddings
+    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        dtype="float32",
+    )
+    # A private RNG stream: building a model must not move the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos_id, im_end_id],
+        pad_token_id=eos_id,
+        bos_token_id=None,
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be readable like any directory
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local model directory or a hub name.
+
+    `dtype=None` keeps the dtype stored in the checkpoint. The tokenizer pads on the left (prompts are
+    right-aligned for generation) and falls back to its eos token when it has no pad token.
+    """
+    source = _model_source(path, need_tokenizer=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {source} has neither a pad_token nor an eos_token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(dtype, attn_implementation))
+    return model.to(device), tokenizer
+
+
+def load_critic(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a value model: the policy's architecture with a one-output linear head per token.
+
+    From a causal LM checkpoint the backbone is copied and the new `score` head starts at zero, so the
+    first values are all 0 and the result is deterministic. A directory that already holds a
+    token-classification checkpoint (a saved critic) is loaded as it is. Dropout before the head is off.
+    The model returns logits of shape [batch, seq, 1].
+    """
+    source = _model_source(path, need_tokenizer=False)
+    config = AutoConfig.from_pretrained(source)
+    is_saved_critic = any(arch.endswith("ForTokenClassification") for arch in config.architectures or ())
+    if is_saved_critic and config.num_labels != 1:
+        raise ValueError(
+            f"critic checkpoint at {source} has {config.num_labels} labels per token; a value model needs exactly 1"
+        )
+    if not is_saved_critic:
+        config = AutoConfig.from_pretrained(source, num_labels=1)
+    config.classifier_dropout = 0.0  # stored with the critic, so a plain from_pretrained reload matches too
+
+    # From a policy checkpoint transformers reports the dropped lm_head and the new head; both are expected,
+    # and the keys are checked below instead.
+    load_logger = logging.getLogger("transformers.modeling_utils")
+    previous_level = load_logger.level
+    if not is_saved_critic:
+        load_logger.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            source, config=config, output_loading_info=True, **_load_kwargs(dtype, attn_implementation)
+        )
+    finally:
+        load_logger.setLevel(previous_level)
+
+    head_params = {name for name, _ in model.score.named_parameters(prefix="score")}
+    missing = set(info["missing_keys"])
+    expected_missing = set() if is_saved_critic else head_params
+    if missing != expected_missing:
+        raise ValueError(
+            f"checkpoint at {source} does not hold the weights a critic needs; missing: {sorted(missing)}"
+        )
+    if not is_saved_critic:
+        with torch.no_grad():
+            for param in model.score.parameters():
+                param.zero_()
+    return model.to(device)
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of distinct parameter elements in `model` (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _load_kwargs(dtype: torch.dtype | None, attn_implementation: str | None) -> dict:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    kwargs: dict = {"dtype": dtype if dtype is not None else "auto"}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
+def _model_source(path: str | Path, *, need_tokenizer: bool) -> str:
+    """Check that `path` is a model directory (or names a hub repository) before anything heavy loads."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"model path must be a str or Path, got {type(path).__name__}: {path!r}")
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"model path {local} is a file; expected a directory holding config.json")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model path {local} is not a model directory: it has no config.json")
+        if not any((local / name).is_file() for name in _WEIGHT_FILES):
+            raise FileNotFoundError(
+                f"model directory {local} holds no weights (looked for {', '.join(_WEIGHT_FILES)})"
+            )
+        if need_tokenizer and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"model directory {local} holds no tokenizer (looked for {', '.join(_TOKENIZER_FILES)})"
+            )
+        return str(local)
+    if isinstance(path, str) and _HUB_ID.match(path):
+        return path  # "org/name": transformers resolves it from the local cache or the hub
+    raise FileNotFoundError(f"model path {path} does not exist")
+
+
+def _checked_texts(texts: Iterable[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be an iterable of strings, not a single string")
+    corpus = list(texts)
+    for row, text in enumerate(corpus):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{row}] must be a str, got {type(text).__name__}")
+    if not any(corpus):
+        raise ValueError("texts is empty: the tokenizer needs some text to learn merges from")
+    return corpus
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    _check_positive_int("vocab_size", vocab_size)
+    smallest = len(SPECIAL_TOKENS) + _BYTE_ALPHABET_SIZE
+    if vocab_size < smallest:
+        raise ValueError(
+            f"vocab_size ({vocab_size}) must be at least {smallest}: "
+            f"{_BYTE_ALPHABET_SIZE} byte tokens + {len(SPECIAL_TOKENS)} special tokens"
+        )
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {out_dir} exists and is not a directory")
+    if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(
+            f"out_dir {out_dir} is a non-empty directory that holds no model (no config.json); "
+            "refusing to replace it"
+        )
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`; an existing `out_dir` is moved aside first and deleted after."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)  # an empty directory is replaced by rename(2) itself
