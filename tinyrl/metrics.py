@@ -1,0 +1,454 @@
+"""Run records: `metrics.jsonl` (append-only, one row per step), optional TensorBoard/W&B sinks, a console
+progress line, and sample completions with reward-hacking signals for a person to read.
+
+`metrics.jsonl` is the source of truth: rows are appended, flushed and fsynced one at a time and never rewritten.
+On resume, rows written after the checkpoint are moved (not deleted) to `metrics.discarded.jsonl`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tinyrl.task import Reward
+
+__all__ = [
+    "METRICS_FILE",
+    "DISCARDED_FILE",
+    "SAMPLES_JSONL",
+    "SAMPLES_MD",
+    "MetricsWriter",
+    "rewind_metrics",
+    "read_metrics",
+    "Progress",
+    "write_samples",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+DISCARDED_FILE = "metrics.discarded.jsonl"
+SAMPLES_JSONL = "samples.jsonl"
+SAMPLES_MD = "samples.md"
+
+
+def _metrics_path(path_or_run_dir: str | os.PathLike) -> Path:
+    path = Path(path_or_run_dir)
+    return path / METRICS_FILE if path.is_dir() else path
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _number(key: str, value: Any) -> int | float | None:
+    """A metric value as a JSON number; NaN/inf become None (JSON null)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, numbers.Number):
+        value = value.item()  # 0-d torch tensor or numpy array
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}")
+
+
+class MetricsWriter:
+    """Appends `{"step": step, **metrics}` rows to `run_dir/metrics.jsonl`, one durable write per row.
+
+    Optional sinks: `tensorboard=True` writes event files to `run_dir/tensorboard`; `wandb={...}` passes its
+    items to `wandb.init` (`dir` defaults to `run_dir`; use `mode="offline"` without network).
+    A partial last line left by a killed process is moved to `metrics.discarded.jsonl` on open.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, tensorboard: bool = False, wandb: dict[str, Any] | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        _discard_torn_tail(self.run_dir)
+        self._tb = None
+        self._wandb_run = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(
+                    "MetricsWriter(tensorboard=True) needs the tensorboard package: pip install 'tinyrl[tensorboard]'"
+                ) from exc
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if wandb is not None:
+            if not isinstance(wandb, Mapping):
+                raise TypeError(f"MetricsWriter: wandb must be a dict of wandb.init arguments, got {wandb!r}")
+            try:
+                import wandb as wandb_lib
+            except ImportError as exc:
+                raise ImportError(
+                    "MetricsWriter(wandb=...) needs the wandb package: pip install 'tinyrl[wandb]'"
+                ) from exc
+            self._wandb_run = wandb_lib.init(**{"dir": str(self.run_dir), **wandb})
+        self._file: IO[bytes] | None = open(self.path, "ab")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append one row. Values must be numbers; NaN/inf are written as null so each line stays valid JSON."""
+        if self._file is None:
+            raise RuntimeError(f"MetricsWriter for {self.path} is closed")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"MetricsWriter.write: step must be an int >= 0, got {step!r}")
+        row: dict[str, Any] = {"step": int(step)}
+        for key, value in metrics.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"MetricsWriter.write: metric names must be non-empty strings, got {key!r}")
+            if key == "step":
+                raise ValueError("MetricsWriter.write: 'step' is reserved; pass it as the step argument")
+            row[key] = _number(key, value)
+        line = json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n"
+        self._file.write(line.encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        finite = {k: v for k, v in row.items() if k != "step" and v is not None}
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, global_step=int(step))
+        if self._wandb_run is not None:
+            self._wandb_run.log(finite, step=int(step))
+
+    def offset(self) -> int:
+        """Byte size of metrics.jsonl now: store it in a checkpoint and pass it to `rewind_metrics` on resume."""
+        if self._file is not None:
+            self._file.flush()
+            return os.fstat(self._file.fileno()).st_size
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _move_tail(run_dir: Path, offset: int) -> int:
+    """Move the bytes of metrics.jsonl past `offset` to metrics.discarded.jsonl; return how many lines moved."""
+    path = run_dir / METRICS_FILE
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read()
+    if not tail:
+        return 0
+    if not tail.endswith(b"\n"):
+        tail += b"\n"  # keep the discarded file line-aligned even when the last row was torn
+    # Copy first, truncate second: a crash in between duplicates rows in the discard file but loses none.
+    _append_durably(run_dir / DISCARDED_FILE, tail)
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+        f.flush()
+        os.fsync(f.fileno())
+    return tail.count(b"\n")
+
+
+def _discard_torn_tail(run_dir: Path) -> None:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    logger.warning("%s ends with a partial row (a killed writer?); moving it to %s", path, DISCARDED_FILE)
+    _move_tail(run_dir, cut)
+
+
+def rewind_metrics(run_dir: str | os.PathLike, offset: int) -> int:
+    """Truncate `run_dir/metrics.jsonl` to `offset` bytes, appending the cut rows to `metrics.discarded.jsonl`.
+
+    Used on resume: rows after the checkpoint's offset belong to steps that will be re-run. Returns the number
+    of rows moved. The offset must lie on a row boundary and within the file.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"rewind_metrics: offset must be an int >= 0, got {offset!r}")
+    offset = int(offset)
+    if not path.exists():
+        if offset == 0:
+            return 0
+        raise FileNotFoundError(f"rewind_metrics: {path} is missing but the checkpoint expects {offset} bytes of it")
+    size = path.stat().st_size
+    if offset > size:
+        raise ValueError(
+            f"rewind_metrics: {path} has {size} bytes, fewer than the checkpoint's offset {offset}; "
+            f"the file was truncated or replaced after the checkpoint was written"
+        )
+    if offset > 0:
+        with open(path, "rb") as f:
+            f.seek(offset - 1)
+            if f.read(1) != b"\n":
+                raise ValueError(f"rewind_metrics: offset {offset} is not at a row boundary of {path}")
+    return _move_tail(run_dir, offset)
+
+
+def read_metrics(path_or_run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl (or of `run_dir/metrics.jsonl`), nulls as None.
+
+    A partial last line (a writer killed mid-row) is skipped with a warning; a malformed line elsewhere raises
+    an error naming the file and line.
+    """
+    path = _metrics_path(path_or_run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"read_metrics: no metrics file at {path}")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline
+    if torn.strip():
+        logger.warning("%s: skipping a partial last row (%d bytes)", path, len(torn))
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"read_metrics: {path}, line {number} is not valid JSON: {exc}") from exc
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"read_metrics: {path}, line {number} is not an object with a 'step' key")
+        rows.append(row)
+    return rows
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _format_figure(value: Any) -> str:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{value:.4g}"
+
+
+class Progress:
+    """One console line per update with step, rate, ETA and key figures.
+
+    On a TTY the line is redrawn in place (at most every `min_interval_s`, default 0.2 s); otherwise (log
+    files, CI) a plain line is printed at most every `min_interval_s` (default 30 s). The first update and the
+    last step are always shown. ETA is measured from the steps done by this process, so a resumed run
+    (`start_step` > 0) gets an honest estimate.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        stream: IO[str] | None = None,
+        min_interval_s: float | None = None,
+        width: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"Progress: total_steps must be an int >= 1, got {total_steps!r}")
+        if not 0 <= start_step <= total_steps:
+            raise ValueError(f"Progress: start_step must be in [0, {total_steps}], got {start_step!r}")
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.min_interval_s = min_interval_s if min_interval_s is not None else (0.2 if self.tty else 30.0)
+        self.width = width
+        self._clock = clock
+        self._t0 = clock()
+        self._last_shown: float | None = None
+        self._last_len = 0
+
+    def format(self, step: int, figures: Mapping[str, Any] | None = None) -> str:
+        """The progress line for `step` steps done (no ANSI codes, no line ending)."""
+        done = min(max(step, 0), self.total_steps)
+        frac = done / self.total_steps
+        filled = int(round(frac * self.width))
+        parts = [f"step {step}/{self.total_steps} [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%}"]
+        steps_here = step - self.start_step
+        if steps_here > 0:
+            per_step = (self._clock() - self._t0) / steps_here
+            parts.append(f"{per_step:.3g} s/step")
+            parts.append(f"ETA {_format_duration(per_step * max(self.total_steps - step, 0))}")
+        for key, value in (figures or {}).items():
+            parts.append(f"{key} {_format_figure(value)}")
+        return " | ".join(parts)
+
+    def update(self, step: int, figures: Mapping[str, Any] | None = None) -> bool:
+        """Show progress after `step` steps; returns True when a line was written (rate-limited)."""
+        now = self._clock()
+        final = step >= self.total_steps
+        if self._last_shown is not None and not final and now - self._last_shown < self.min_interval_s:
+            return False
+        self._last_shown = now
+        line = self.format(step, figures)
+        if self.tty:
+            pad = " " * max(self._last_len - len(line), 0)
+            self.stream.write("\r" + line + pad + ("\n" if final else ""))
+            self._last_len = 0 if final else len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        return True
+
+    def close(self) -> None:
+        """End a TTY line left open by an interrupted run."""
+        if self.tty and self._last_len:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._last_len = 0
+
+
+def _md_cell(text: str, max_chars: int, keep: str = "head") -> str:
+    if len(text) > max_chars:
+        cut = len(text) - max_chars
+        text = f"…{text[-max_chars:]}" if keep == "tail" else f"{text[:max_chars]}… [+{cut} chars]"
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _first_logged_length(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        return float(json.loads(first)["signals"]["length_mean_chars"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def write_samples(
+    run_dir: str | os.PathLike,
+    step: int,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rewards: Sequence[Reward],
+    max_rows: int = 8,
+    response_lengths: Sequence[int] | None = None,
+    max_chars: int = 600,
+) -> dict[str, float]:
+    """Append a step's example completions to `samples.jsonl` and a readable table to `samples.md`.
+
+    The step's reward-hacking signals are computed over all completions given, not only the rows shown:
+    `formatted_wrong_rate` (formatted answers that are wrong), `length_mean_chars`, `length_mean_tokens`
+    (when `response_lengths` are given) and `length_ratio_to_first` (mean length relative to the first step
+    logged; a falling ratio is a length collapse). Rows shown are spread evenly over the batch so several
+    prompts appear. Returns the signals.
+    """
+    n = len(completions)
+    if n == 0:
+        raise ValueError("write_samples: completions is empty")
+    if len(prompts) != n or len(rewards) != n:
+        raise ValueError(
+            f"write_samples: prompts ({len(prompts)}), completions ({n}) and rewards ({len(rewards)}) "
+            f"must have the same length"
+        )
+    if response_lengths is not None and len(response_lengths) != n:
+        raise ValueError(f"write_samples: response_lengths has {len(response_lengths)} entries for {n} completions")
+    if max_rows < 1:
+        raise ValueError(f"write_samples: max_rows must be >= 1, got {max_rows}")
+    for i, reward in enumerate(rewards):
+        for attr in ("score", "correct", "formatted"):
+            if not hasattr(reward, attr):
+                raise TypeError(f"write_samples: rewards[{i}] has no .{attr}; expected tinyrl.task.Reward")
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    jsonl_path = run_dir / SAMPLES_JSONL
+    md_path = run_dir / SAMPLES_MD
+
+    signals: dict[str, float] = {
+        "n": n,
+        "accuracy": sum(bool(r.correct) for r in rewards) / n,
+        "format_rate": sum(bool(r.formatted) for r in rewards) / n,
+        "formatted_wrong_rate": sum(bool(r.formatted) and not r.correct for r in rewards) / n,
+        "mean_reward": sum(float(r.score) for r in rewards) / n,
+        "length_mean_chars": sum(len(c) for c in completions) / n,
+    }
+    if response_lengths is not None:
+        signals["length_mean_tokens"] = sum(int(x) for x in response_lengths) / n
+    first = _first_logged_length(jsonl_path)
+    if first is None:
+        first = signals["length_mean_chars"]
+    signals["length_ratio_to_first"] = signals["length_mean_chars"] / first if first > 0 else 1.0
+
+    shown = max_rows if max_rows < n else n
+    indices = sorted({round(j * (n - 1) / max(shown - 1, 1)) for j in range(shown)})
+    rows = [
+        {
+            "index": i,
+            "prompt": prompts[i],
+            "completion": completions[i],
+            "score": float(rewards[i].score) if math.isfinite(float(rewards[i].score)) else None,
+            "correct": bool(rewards[i].correct),
+            "formatted": bool(rewards[i].formatted),
+            **({"length_tokens": int(response_lengths[i])} if response_lengths is not None else {}),
+        }
+        for i in indices
+    ]
+    record = {"step": int(step), "signals": signals, "rows": rows}
+    _append_durably(jsonl_path, (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+
+    tokens = f", {signals['length_mean_tokens']:.1f} tokens" if "length_mean_tokens" in signals else ""
+    lines = [] if md_path.exists() else [
+        "# Sample completions",
+        "",
+        "Rows are spread over each logged batch. *formatted but wrong* is the share of all completions of the "
+        "step that follow the answer format but are wrong; a length ratio falling well below 1 means responses "
+        "are collapsing.",
+        "",
+    ]
+    lines += [
+        f"## step {int(step)}",
+        "",
+        f"accuracy {signals['accuracy']:.3f} · format rate {signals['format_rate']:.3f} · "
+        f"formatted but wrong {signals['formatted_wrong_rate']:.3f} · mean reward {signals['mean_reward']:.3f} · "
+        f"mean length {signals['length_mean_chars']:.1f} chars{tokens} "
+        f"({signals['length_ratio_to_first']:.2f}× the first logged step) · {n} completions",
+        "",
+        "| # | prompt (end) | completion | score | correct | formatted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        score = "null" if row["score"] is None else f"{row['score']:.3g}"
+        lines.append(
+            f"| {row['index']} | {_md_cell(row['prompt'], max_chars // 2, keep='tail')} | "
+            f"{_md_cell(row['completion'], max_chars)} | {score} | "
+            f"{'yes' if row['correct'] else 'no'} | {'yes' if row['formatted'] else 'no'} |"
+        )
+    lines.append("")
+    _append_durably(md_path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return signals
