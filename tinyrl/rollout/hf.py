@@ -1,0 +1,151 @@
+"""A transformers rollout engine: batched sampling with a KV cache, for CPU, tests and machines without vLLM.
+
+The decode loop is written out (rather than calling `model.generate`) so that it can return the log-prob of each
+sampled token under the distribution it was actually sampled from (after temperature, top-k, top-p), give every
+completion its own random stream (the same completion whatever batch it lands in, which makes resumed runs exact),
+and drop finished sequences from the batch as it goes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tinyrl.rollout.base import Completion, SamplingConfig
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        self._piece_cache: dict[int, str] = {}
+
+    def update_weights(self, model) -> None:
+        # Same process, same tensors: sampling reads the training weights directly.
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
+        requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(requests), self.batch_size):
+                chunk = requests[start : start + self.batch_size]
+                out.extend(self._generate_chunk([prompt_token_ids[i] for i, _ in chunk], chunk, sampling))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _piece(self, token_id: int) -> str:
+        piece = self._piece_cache.get(token_id)
+        if piece is None:
+            piece = self.tokenizer.decode([token_id])
+            self._piece_cache[token_id] = piece
+        return piece
+
+    def _generate_chunk(self, prompts, requests, sampling: SamplingConfig) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generators = None
+        if sampling.temperature > 0:
+            generators = []
+            for i, j in requests:
+                g = torch.Generator(device=device)
+                seed = sampling.seed if sampling.seed is not None else torch.randint(0, 2**62, (1,)).item()
+                g.manual_seed(hash((int(seed), i, j)) & (2**62 - 1))
+                generators.append(g)
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        tails = [""] * batch  # recent decoded text, long enough to see a stop string complete
+        finish = ["length"] * batch
+        active = list(range(batch))  # rows still decoding, in cache order
+        tail_len = max((len(s) for s in sampling.stop), default=0) + 16
+
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        cache = out.past_key_values
+        next_positions = position_ids[:, -1] + 1
+        for _ in range(sampling.max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            chosen, chosen_logprobs = self._sample(logits, sampling, [generators[r] for r in active] if generators else None)
+            keep = []
+            for k, row in enumerate(active):
+                tok = int(chosen[k])
+                tokens[row].append(tok)
+                logprobs[row].append(float(chosen_logprobs[k]))
+                if tok in self.eos_ids:
+                    finish[row] = "stop"
+                    continue
+                if sampling.stop:
+                    tails[row] = (tails[row] + self._piece(tok))[-tail_len:]
+                    if any(s in tails[row] for s in sampling.stop):
+                        finish[row] = "stop"
+                        continue
+                keep.append(k)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(index)
+                attention_mask = attention_mask[index]
+                next_positions = next_positions[index]
+                chosen = chosen[index]
+                active = [active[k] for k in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            next_positions = next_positions + 1
+
+        completions = []
+        for row, (i, j) in enumerate(requests):
+            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+            completions.append(Completion(i, tokens[row], text, logprobs[row], finish[row], {"sample_index": j}))
+        return completions
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampling: SamplingConfig, generators) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick one token per row; return it with its log-prob under the (processed) sampling distribution."""
+        if sampling.temperature == 0:
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = logits.argmax(dim=-1)
+            return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1)
+        logits = logits / sampling.temperature
+        if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            # drop a token when the tokens ranked above it already reach top_p
+            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= sampling.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
+        # Gumbel-max: argmax(logp + Gumbel noise) is a draw from softmax(logp); each row uses its own stream.
+        uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        chosen = (logp + gumbel).argmax(dim=-1)
+        return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1)

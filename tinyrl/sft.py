@@ -1,0 +1,138 @@
+"""Supervised warm start on teacher traces (s1-style distillation) before RL.
+
+Traces are (prompt, completion) pairs: from a JSONL file (`{"prompt", "completion"}` rows, or `{"messages"}` rows whose
+last message is the assistant's), or written by the task's own teacher (`task.demonstration(row)`, e.g. Countdown's
+exact solver). The loss is the mean negative log-likelihood of completion tokens only, over all completion tokens of a
+batch (micro-batches are normalised by the whole batch's token count, so the token budget never changes the gradient).
+
+A plain loop rather than TRL's SFTTrainer: it shares the trainer's token-budget micro-batching, dtype handling and
+determinism (same seed, same batches), and on a CPU the tiny model spends more time in a trainer framework's
+bookkeeping than in its own forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from tinyrl.batch import build_batch, split_by_tokens
+from tinyrl.config import SFTConfig
+from tinyrl.policy_ops import autocast_for, token_logprobs
+from tinyrl.prompts import render_prompt
+
+
+def read_traces(path: str | Path, tokenizer) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from a JSONL file; errors name the file and line."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+            if "prompt" in row and "completion" in row:
+                pairs.append((str(row["prompt"]), str(row["completion"])))
+            elif "messages" in row and row["messages"] and row["messages"][-1].get("role") == "assistant":
+                prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+                pairs.append((prompt, str(row["messages"][-1]["content"])))
+            else:
+                raise ValueError(
+                    f"{path}:{number}: a trace row needs 'prompt' and 'completion', or 'messages' ending with an "
+                    f"assistant message; got keys {sorted(row)}"
+                )
+    if not pairs:
+        raise ValueError(f"{path}: no traces")
+    return pairs
+
+
+def task_traces(task, rows: Sequence[dict], tokenizer, template: str) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs written by the task's teacher (`task.demonstration`), skipping unsolvable rows."""
+    if not hasattr(task, "demonstration"):
+        raise ValueError(f"task {task.name!r} has no demonstration(); set sft.traces_path to a JSONL file of traces")
+    pairs = []
+    for row in rows:
+        completion = task.demonstration(row)
+        if completion is not None:
+            pairs.append((render_prompt(task, row, tokenizer, template), completion))
+    if not pairs:
+        raise ValueError(f"task {task.name!r} produced no demonstrations for {len(rows)} rows")
+    return pairs
+
+
+def tokenize_traces(pairs, tokenizer, max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each prompt and of its completion followed by EOS; over-long traces are an error."""
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        c = c + [eos]
+        if len(p) + len(c) > max_tokens:
+            raise ValueError(f"trace {i} has {len(p) + len(c)} tokens, more than the limit {max_tokens}")
+        out.append((p, c))
+    return out
+
+
+def run_sft(
+    model,
+    examples: Sequence[tuple[list[int], list[int]]],
+    cfg: SFTConfig,
+    *,
+    pad_id: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    micro_batch_tokens: int,
+    log: Callable[[int, dict], None] | None = None,
+    log_every: int = 50,
+) -> dict:
+    """Fine-tune `model` in place for `cfg.steps` steps of `cfg.batch_size` traces; returns final figures."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
+    rng = np.random.default_rng([seed, 1])
+    model.train()
+    start, recent = time.perf_counter(), []
+    for step in range(1, cfg.steps + 1):
+        picked = rng.choice(len(examples), size=min(cfg.batch_size, len(examples)), replace=False)
+        batch = build_batch(
+            [examples[i][0] for i in picked],
+            [examples[i][1] for i in picked],
+            scores=[0.0] * len(picked),
+            group_index=list(range(len(picked))),
+            pad_id=pad_id,
+        )
+        total_tokens = batch.response_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for rows in split_by_tokens(batch, range(batch.size), micro_batch_tokens):
+            mb = batch.select(rows).to(device)
+            with autocast_for(device, dtype):
+                logprobs, _ = token_logprobs(model, mb, temperature=1.0)
+            loss = -(logprobs * mb.response_mask).sum() / total_tokens
+            loss.backward()
+            loss_sum += float(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        recent.append(loss_sum)
+        if log is not None and (step % log_every == 0 or step == cfg.steps):
+            log(step, {"sft/loss": float(np.mean(recent)), "sft/lr": schedule.get_last_lr()[0]})
+            recent = []
+    model.eval()
+    return {"sft_steps": cfg.steps, "sft_seconds": time.perf_counter() - start, "sft_final_loss": loss_sum}
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
