@@ -110,21 +110,27 @@ def build_batch(
 
 
 def split_by_tokens(batch: RolloutBatch, rows: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Split `rows` into micro-batches whose padded size (rows x longest sequence) stays within `token_budget`.
+    """Split `rows` into micro-batches whose padded size, rows x (longest prompt + longest response), stays
+    within `token_budget` (the padded shape `select` gives them).
 
     Rows are sorted by length first so that similar lengths share a micro-batch and little is spent on padding;
     a single row longer than the budget gets a micro-batch of its own.
     """
-    lengths = (batch.prompt_lengths() + batch.response_lengths()).tolist()
-    order = sorted(rows, key=lambda i: lengths[i])
-    micro, current, longest = [], [], 0
+    prompt_lengths = batch.prompt_lengths().tolist()
+    response_lengths = batch.response_lengths().tolist()
+    order = sorted(rows, key=lambda i: (prompt_lengths[i] + response_lengths[i], response_lengths[i]))
+    micro: list[list[int]] = []
+    current: list[int] = []
+    longest_prompt = longest_response = 0
     for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and longest_if_added * (len(current) + 1) > token_budget:
+        p = max(longest_prompt, prompt_lengths[i])
+        r = max(longest_response, response_lengths[i], 1)
+        if current and (p + r) * (len(current) + 1) > token_budget:
             micro.append(current)
-            current, longest_if_added = [], lengths[i]
+            current = []
+            p, r = prompt_lengths[i], max(response_lengths[i], 1)
         current.append(i)
-        longest = longest_if_added
+        longest_prompt, longest_response = p, r
     if current:
         micro.append(current)
     return micro
