@@ -8,17 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyrl.evaluate import eval_metrics, pass_at_k, summarize_eval, write_eval_results
-try:
-    from tinyrl.task import Reward
-except ImportError:  # TEMPORARY until tinyrl.task lands
-    from dataclasses import dataclass, field
-
-    @dataclass(frozen=True)
-    class Reward:
-        score: float
-        correct: bool
-        formatted: bool
-        info: dict = field(default_factory=dict)
+from tinyrl.task import Reward
 
 
 def reward(correct: bool, formatted: bool = True, score: float | None = None) -> Reward:

@@ -22,17 +22,7 @@ from tinyrl.metrics import (
     write_samples,
 )
 
-try:
-    from tinyrl.task import Reward
-except ImportError:  # TEMPORARY until tinyrl.task lands
-    from dataclasses import dataclass, field
-
-    @dataclass(frozen=True)
-    class Reward:
-        score: float
-        correct: bool
-        formatted: bool
-        info: dict = field(default_factory=dict)
+from tinyrl.task import Reward
 
 
 def strict_json_lines(path):
@@ -220,6 +210,15 @@ def test_progress_plain_lines_are_rate_limited_with_eta():
     assert lines[1] == "step 20/100 [####................]  20% | 2 s/step | ETA 2:40 | reward 0.55"
     assert lines[2] == "step 100/100 [####################] 100% | 2 s/step | ETA 0:00 | reward 0.9"
     assert len(lines) == 3
+
+
+def test_progress_disabled_writes_nothing():
+    out = io.StringIO()
+    progress = Progress(total_steps=2, stream=out, enabled=False)
+    assert progress.update(1, {"reward": 0.5}) is False
+    assert progress.update(2) is False
+    progress.close()
+    assert out.getvalue() == ""
 
 
 def test_progress_eta_after_resume_counts_only_steps_run_here():

@@ -265,7 +265,7 @@ class Progress:
     On a TTY the line is redrawn in place (at most every `min_interval_s`, default 0.2 s); otherwise (log
     files, CI) a plain line is printed at most every `min_interval_s` (default 30 s). The first update and the
     last step are always shown. ETA is measured from the steps done by this process, so a resumed run
-    (`start_step` > 0) gets an honest estimate.
+    (`start_step` > 0) gets an honest estimate. `enabled=False` makes every call a no-op (quiet runs).
     """
 
     def __init__(
@@ -276,6 +276,7 @@ class Progress:
         min_interval_s: float | None = None,
         width: int = 20,
         clock: Callable[[], float] = time.monotonic,
+        enabled: bool = True,
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"Progress: total_steps must be an int >= 1, got {total_steps!r}")
@@ -287,6 +288,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval_s = min_interval_s if min_interval_s is not None else (0.2 if self.tty else 30.0)
         self.width = width
+        self.enabled = enabled
         self._clock = clock
         self._t0 = clock()
         self._last_shown: float | None = None
@@ -309,6 +311,8 @@ class Progress:
 
     def update(self, step: int, figures: Mapping[str, Any] | None = None) -> bool:
         """Show progress after `step` steps; returns True when a line was written (rate-limited)."""
+        if not self.enabled:
+            return False
         now = self._clock()
         final = step >= self.total_steps
         if self._last_shown is not None and not final and now - self._last_shown < self.min_interval_s:

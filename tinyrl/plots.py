@@ -37,7 +37,7 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str, bool], ...]], ...] = (
     (
         "Response length",
         "tokens",
-        (("response/length_mean", "mean", True), ("response/length_max", "max", True)),
+        (("response/length_mean", "mean length", True), ("response/length_max", "max length", True)),
     ),
     ("KL to reference", "KL", (("policy/kl", "policy/kl", True),)),
     ("Entropy", "nats/token", (("policy/entropy", "policy/entropy", True),)),
@@ -110,7 +110,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, t
                 ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
                 window = max(2, len(values) // 20)
                 ax.plot(steps, _moving_average(values, window), color=color, linewidth=1.6,
-                        label=f"{label} (mean of {window})")
+                        label=f"{label} ({window}-step mean)")
             else:
                 ax.plot(steps, values, color=color, linewidth=1.4, marker=".", label=label)
         ax.set_title(panel_title)
