@@ -174,7 +174,6 @@ def to_config(config: TrainConfig | DictConfig | dict) -> TrainConfig:
         merged = OmegaConf.merge(schema, config)
     except Exception as err:  # omegaconf names the key in its message
         raise ConfigError(f"invalid config: {err}") from err
-    merged = OmegaConf.masked_copy(merged, list(schema.keys())) if isinstance(merged, DictConfig) else merged
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg

@@ -290,6 +290,9 @@ class RLTrainer:
             weight = len(m) / len(rows)  # share of the mini-batch, to average per-micro-batch metrics
             with autocast_for(self.device, self.dtype):
                 logprobs, entropy = token_logprobs(self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy)
+                if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
+                    loss_total = float("nan")  # the guard below skips this update (and stops a diverged run)
+                    break
                 old = logprobs.detach() if on_policy else mb.old_logprobs
                 loss, pm = algorithms.policy_loss(
                     a.policy_loss,
@@ -343,7 +346,7 @@ class RLTrainer:
             mb = batch.select(m).to(self.device)
             with autocast_for(self.device, self.dtype):
                 values = token_values(self.critic, mb)
-                loss = algorithms.value_loss(
+                loss, _ = algorithms.value_loss(
                     values, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, agg=a.loss_agg,
                     normalizer=normalizer,
                 )
