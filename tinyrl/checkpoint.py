@@ -144,8 +144,9 @@ def save_checkpoint(
 
     Each entry of `models` is saved with `save_pretrained` (safetensors) into a subdirectory of its name; the
     tokenizer goes into `tokenizer_into` (default "actor", or the only model) so that directory alone loads
-    with `from_pretrained` and vLLM. `state` is saved with `torch.save` as trainer_state.pt. The newest
-    `keep_last` complete checkpoints are kept, and the one just written always is. Returns its path.
+    with `from_pretrained` and vLLM. `state` is saved with `torch.save` as trainer_state.pt. Afterwards
+    `keep_last` complete checkpoints remain: the one just written and the newest (by step) of the others.
+    Returns its path.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
@@ -205,9 +206,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    others = [path for path in list_checkpoints(run_dir) if path != final]
+    for old in others[: max(len(others) - (keep_last - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
