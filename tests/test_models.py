@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
 from tinyrl.models import (
@@ -310,6 +311,34 @@ def test_critic_refuses_a_classifier_with_several_labels(tiny_dir, tmp_path):
     AutoModelForTokenClassification.from_pretrained(tiny_dir, num_labels=3).save_pretrained(tmp_path / "clf")
     with pytest.raises(ValueError, match="3 labels"):
         load_critic(tmp_path / "clf")
+
+
+def test_incomplete_checkpoints_are_refused_not_filled_with_random_weights(tiny_dir, tmp_path):
+    critic_dir = tmp_path / "critic"
+    load_critic(tiny_dir).save_pretrained(critic_dir)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(critic_dir)
+    with pytest.raises(ValueError, match=r"critic.*not a complete causal LM.*lm_head\.weight"):
+        load_policy(critic_dir)
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, partial / name)
+    weights = load_file(tiny_dir / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"partial.*model\.norm\.weight"):
+        load_policy(partial)
+    with pytest.raises(ValueError, match=r"partial.*critic needs.*model\.norm\.weight"):
+        load_critic(partial)
+
+
+def test_critic_from_a_tied_policy(tmp_path, corpus):
+    tied_dir = build_tiny_model(tmp_path / "tied", corpus[:100], tie_word_embeddings=True)
+    policy, _ = load_policy(tied_dir)
+    critic = load_critic(tied_dir)
+    assert torch.equal(critic.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert torch.count_nonzero(critic.score.weight) == 0
 
 
 def test_load_errors_name_the_path(tmp_path, tiny_dir):

@@ -237,7 +237,14 @@ def load_policy(
             raise ValueError(f"tokenizer at {source} has neither a pad_token nor an eos_token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(dtype, attn_implementation))
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source, output_loading_info=True, **_load_kwargs(dtype, attn_implementation)
+    )
+    if info["missing_keys"]:  # transformers would otherwise fill them with random values and carry on
+        raise ValueError(
+            f"checkpoint at {source} is not a complete causal LM (a critic checkpoint?); "
+            f"missing weights: {sorted(info['missing_keys'])}"
+        )
     return model.to(device), tokenizer
 
 
@@ -279,17 +286,16 @@ def load_critic(
     finally:
         load_logger.setLevel(previous_level)
 
-    head_params = {name for name, _ in model.score.named_parameters(prefix="score")}
-    missing = set(info["missing_keys"])
-    expected_missing = set() if is_saved_critic else head_params
-    if missing != expected_missing:
-        raise ValueError(
-            f"checkpoint at {source} does not hold the weights a critic needs; missing: {sorted(missing)}"
-        )
-    if not is_saved_critic:
-        with torch.no_grad():
-            for param in model.score.parameters():
-                param.zero_()
+    # Everything missing must be the new head: a gap in the backbone means the wrong checkpoint.
+    missing = sorted(info["missing_keys"])
+    backbone_missing = [key for key in missing if key.startswith(model.base_model_prefix + ".")]
+    if backbone_missing or (is_saved_critic and missing):
+        raise ValueError(f"checkpoint at {source} does not hold the weights a critic needs; missing: {missing}")
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in missing:
+            if key in parameters:  # a head buffer, if any, keeps its own initial value
+                parameters[key].zero_()
     return model.to(device)
 
 
