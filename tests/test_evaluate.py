@@ -3,6 +3,7 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,6 +47,11 @@ def test_pass_at_k_hand_checked(n, c, k, expected):
 def test_pass_at_k_equals_enumeration_of_subsets(nck):
     n, c, k = nck
     assert pass_at_k(n, c, k) == pytest.approx(float(brute_force_pass_at_k(n, c, k)), abs=1e-12)
+
+
+def test_pass_at_k_accepts_numpy_counts():
+    correct = np.array([True, False, True, False, False])
+    assert pass_at_k(np.int64(correct.size), correct.sum(), 2) == pytest.approx(0.7)
 
 
 def test_pass_at_k_is_stable_for_large_n():

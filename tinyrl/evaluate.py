@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import statistics
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     The product form never builds the huge binomials, so it stays exact to float precision for any n.
     """
     for name, value in (("n", n), ("c", c), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"pass_at_k: {name} must be an int, got {type(value).__name__} {value!r}")
+    n, c, k = int(n), int(c), int(k)
     if n < 1:
         raise ValueError(f"pass_at_k: n (samples per problem) must be >= 1, got {n}")
     if not 0 <= c <= n:
@@ -99,7 +101,7 @@ def summarize_eval(
                 raise ValueError(f"summarize_eval: rewards_sampled[{i}] is empty; each problem needs n >= 1 samples")
             _check_rewards(samples, f"rewards_sampled[{i}]")
         for k in ks:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
                 raise ValueError(f"summarize_eval: every k in ks must be an int >= 1, got {k!r}")
             per_problem = []
             for i, samples in enumerate(rewards_sampled):
@@ -109,7 +111,7 @@ def summarize_eval(
                         f"problem {i} has {len(samples)}"
                     )
                 per_problem.append(pass_at_k(len(samples), sum(1 for r in samples if r.correct), k))
-            summary["pass@k"][k] = _mean(per_problem)
+            summary["pass@k"][int(k)] = _mean(per_problem)
         flat = [r for samples in rewards_sampled for r in samples]
         summary["sampled_accuracy"] = _mean([1.0 if r.correct else 0.0 for r in flat])
         summary["sampled_mean_reward"] = _mean([float(r.score) for r in flat])
