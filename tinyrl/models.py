@@ -60,7 +60,7 @@ _SPLIT_ALTERNATIVES = (
     r"\p{N}",  # every digit on its own, so numbers never merge into opaque chunks
     r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # a run of symbols, with an optional leading space and trailing line breaks
     r"\s*[\r\n]+",  # whitespace that ends in line breaks
-    r"\s+(?!\S)",  # whitespace not followed by a word: leaves the last space to glue onto the next word
+    r"\s+(?!\S)",  # a whitespace run minus its last character when non-space text follows (that space joins it)
     r"\s+",  # any remaining whitespace
 )
 SPLIT_PATTERN = "|".join(_SPLIT_ALTERNATIVES)
@@ -273,18 +273,19 @@ def load_critic(
         config = AutoConfig.from_pretrained(source, num_labels=1)
     config.classifier_dropout = 0.0  # stored with the critic, so a plain from_pretrained reload matches too
 
-    # From a policy checkpoint transformers reports the dropped lm_head and the new head; both are expected,
-    # and the keys are checked below instead.
+    # From a policy checkpoint transformers prints a report of the dropped lm_head and the new head; both are
+    # expected and the keys are checked below, so that report is filtered out (raising the logger's level
+    # instead would switch on other load-time checks in transformers).
     load_logger = logging.getLogger("transformers.modeling_utils")
-    previous_level = load_logger.level
+    report_filter = _DropLoadReport()
     if not is_saved_critic:
-        load_logger.setLevel(logging.ERROR)
+        load_logger.addFilter(report_filter)
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(
             source, config=config, output_loading_info=True, **_load_kwargs(dtype, attn_implementation)
         )
     finally:
-        load_logger.setLevel(previous_level)
+        load_logger.removeFilter(report_filter)
 
     # Everything missing must be the new head: a gap in the backbone means the wrong checkpoint.
     missing = sorted(info["missing_keys"])
@@ -302,6 +303,11 @@ def load_critic(
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of distinct parameter elements in `model` (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
 
 
 def _load_kwargs(dtype: torch.dtype | None, attn_implementation: str | None) -> dict:
