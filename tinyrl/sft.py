@@ -118,7 +118,7 @@ def run_sft(
                 logprobs, _ = token_logprobs(model, mb, temperature=1.0)
             loss = -(logprobs * mb.response_mask).sum() / total_tokens
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         schedule.step()

@@ -113,6 +113,45 @@ class RLTrainer:
         self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
         self.scorer = RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s)
 
+    @classmethod
+    def from_config(
+        cls,
+        config,
+        *,
+        run_dir: str | Path | None = None,
+        policy=None,
+        tokenizer=None,
+        start_path: str | Path | None = None,
+        critic_path: str | Path | None = None,
+    ) -> "RLTrainer":
+        """Build the trainer a config describes: task and splits, policy (unless given), reference, critic.
+
+        `start_path` (default `model.path`) is where the policy, the frozen reference and a fresh critic start.
+        """
+        from tinyrl.models import load_critic, load_policy
+
+        cfg = config if isinstance(config, TrainConfig) else to_config(config)
+        device = resolve_device(cfg.device)
+        task = get_task(cfg.task.name, **cfg.task.kwargs)
+        train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
+        eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
+        start_path = start_path or cfg.model.path
+        if start_path is None:
+            raise ValueError("model.path: RLTrainer.from_config needs a model path (or pass policy= and start_path=)")
+        if policy is None:
+            policy, tokenizer = load_policy(start_path, device=device)
+        if cfg.model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        reference = critic = None
+        if uses_reference(cfg.algorithm):
+            reference, _ = load_policy(start_path, device=device)
+            reference.requires_grad_(False).eval()
+        if uses_critic(cfg.algorithm):
+            critic = load_critic(critic_path or cfg.model.critic_path or start_path, device=device)
+            if cfg.model.gradient_checkpointing:
+                critic.gradient_checkpointing_enable()
+        return cls(cfg, run_dir or _run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
+
     def close(self) -> None:
         """Stop the reward workers and flush the metrics sinks."""
         self.scorer.close()
@@ -306,20 +345,20 @@ class RLTrainer:
                     agg=a.loss_agg,
                     normalizer=normalizer,
                 )
-                totals["losses/policy"] = totals.get("losses/policy", 0.0) + float(loss)
+                totals["losses/policy"] = totals.get("losses/policy", 0.0) + loss.item()
                 if mb.ref_logprobs is not None:
                     kl = algorithms.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator)
                     kl_term = algorithms.aggregate(kl, mb.response_mask, a.loss_agg, normalizer=normalizer)
                     if not a.kl_in_reward:
                         loss = loss + a.kl_coef * kl_term
-                    totals["policy/kl"] = totals.get("policy/kl", 0.0) + float(kl_term)
+                    totals["policy/kl"] = totals.get("policy/kl", 0.0) + kl_term.item()
                 if entropy is not None:
                     entropy_term = algorithms.aggregate(entropy, mb.response_mask, a.loss_agg, normalizer=normalizer)
                     if a.entropy_coef:
                         loss = loss - a.entropy_coef * entropy_term
-                    totals["policy/entropy"] = totals.get("policy/entropy", 0.0) + float(entropy_term)
+                    totals["policy/entropy"] = totals.get("policy/entropy", 0.0) + entropy_term.item()
             loss.backward()
-            loss_total += float(loss)
+            loss_total += loss.item()
             for key in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
                 if key in pm:
                     totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + weight * float(pm[key])
@@ -351,7 +390,7 @@ class RLTrainer:
                     normalizer=normalizer,
                 )
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.max_grad_norm)
         if np.isfinite(total) and torch.isfinite(grad_norm):
             self.critic_optimizer.step()
@@ -377,9 +416,12 @@ class RLTrainer:
         metrics["train/completions"] = float(len(scored))
 
     def _write_samples(self, step: int, scored) -> None:
-        picked = scored[:: max(1, len(scored) // 8)][:8]
-        prompts = [self.tokenizer.decode(self.train_prompts[i]) for i, _, _ in picked]
-        write_samples(self.run_dir, step, prompts, [c.text for _, c, _ in picked], [r for _, _, r in picked])
+        """Example completions of this step, with reward-hacking signals computed over all of them."""
+        prompts = [self.tokenizer.decode(self.train_prompts[i]) for i, _, _ in scored]
+        write_samples(
+            self.run_dir, step, prompts, [c.text for _, c, _ in scored], [r for _, _, r in scored],
+            response_lengths=[len(c.token_ids) for _, c, _ in scored],
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict:
@@ -437,7 +479,7 @@ class RLTrainer:
             stop_requested["signal"] = signum
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        progress = Progress(t.steps, enabled=self.cfg.logging.progress) if t.steps else None
+        progress = Progress(t.steps, start_step=self.step_count, enabled=self.cfg.logging.progress) if t.steps else None
         try:
             while self.step_count < t.steps:
                 metrics = self.step()
@@ -476,7 +518,10 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if cfg.resume is True or cfg.resume == "true":
         found = latest_checkpoint(run_dir)
         if found is None:
-            raise FileNotFoundError(f"resume=true: no complete checkpoint under {run_dir}/checkpoints")
+            if not cfg.run_dir:
+                raise ValueError("resume=true needs run_dir=<the run to resume> (or resume=<run dir>)")
+            log.warning("resume=true: no complete checkpoint in %s yet; starting RL from its first step", run_dir)
+            rewind_metrics(run_dir, 0)
         return found
     path = Path(str(cfg.resume))
     if (path / "checkpoints").is_dir():
@@ -491,7 +536,7 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
 def train(config: TrainConfig | dict | Any) -> dict:
     """Run a whole experiment from a config (dataclass, dict or DictConfig); return the summary written to disk."""
-    from tinyrl.models import build_tiny_model, load_critic, load_policy
+    from tinyrl.models import build_tiny_model, load_policy
     from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
 
     cfg = to_config(config)
@@ -548,8 +593,6 @@ def train(config: TrainConfig | dict | Any) -> dict:
         summary.update(json.loads((run_dir / "sft_summary.json").read_text()))
     else:
         policy, tokenizer = load_policy(base_path, device=device)
-        if cfg.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
         if cfg.sft.enabled:
             if cfg.sft.traces_path:
                 pairs = read_traces(cfg.sft.traces_path, tokenizer)
@@ -569,18 +612,10 @@ def train(config: TrainConfig | dict | Any) -> dict:
             os.replace(sft_dir.with_name("sft_model.tmp"), sft_dir)
             (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
-
-    reference = critic = None
-    if uses_reference(cfg.algorithm):
-        reference, _ = load_policy(start_path, device=device)
-        reference.requires_grad_(False).eval()
-    if uses_critic(cfg.algorithm):
-        critic_source = checkpoint / "critic" if checkpoint is not None else Path(cfg.model.critic_path or start_path)
-        critic = load_critic(critic_source, device=device)
-        if cfg.model.gradient_checkpointing:
-            critic.gradient_checkpointing_enable()
-
-    trainer = RLTrainer(cfg, run_dir, policy, tokenizer, task, train_rows, eval_rows, reference, critic)
+    trainer = RLTrainer.from_config(
+        cfg, run_dir=run_dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
+        critic_path=checkpoint / "critic" if checkpoint is not None else None,
+    )
     if state is not None:
         rewind_metrics(run_dir, state["metrics_offset"])
         trainer.metrics.close()
@@ -595,8 +630,11 @@ def train(config: TrainConfig | dict | Any) -> dict:
             trainer.metrics.write(0, eval_metrics(before))
         trainer.extra_state["summary"] = summary
         trainer.fit()
-        after = trainer.evaluate(trainer.step_count)
-        trainer.metrics.write(trainer.step_count, eval_metrics(after))
+        if trainer.step_count == 0:
+            after = summary["eval_before_rl"]  # no RL step: the policy is the one just measured
+        else:
+            after = trainer.evaluate(trainer.step_count)
+            trainer.metrics.write(trainer.step_count, eval_metrics(after))
     finally:
         trainer.scorer.close()
     summary.update(
