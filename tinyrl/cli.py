@@ -60,7 +60,11 @@ def _data(cfg: DictConfig) -> None:
 
 def train_main() -> None:
     register_configs()
-    _train()
+    try:
+        _train()
+    except KeyboardInterrupt as stop:
+        print(f"tinyrl-train: {stop or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 def sft_main() -> None:
