@@ -487,7 +487,8 @@ def check_answer(
 
 _SPLIT_SHARES = (("train", 80), ("validation", 10), ("test", 10))  # percent of the hash space
 _SPLIT_OF_BUCKET = tuple(name for name, share in _SPLIT_SHARES for _ in range(share))
-_STALL_LIMIT = 50_000  # consecutive candidates without a new problem before concluding the split is nearly used up
+# Consecutive candidates without a new problem before concluding the split is nearly used up (see dataset()).
+_STALL_MIN, _STALL_MAX = 2_000, 200_000
 _ENUMERATION_BUDGET = 200_000  # weighted multiset count up to which the whole problem space may be listed
 _REACH_COST = {1: 1, 2: 1, 3: 1, 4: 40, 5: 2_000, 6: 100_000}  # rough relative cost of one multiset's reach
 
@@ -608,20 +609,25 @@ class Countdown:
         k_span = self.max_numbers - self.min_numbers + 1
         lo, hi = self.min_target, self.max_target
         seen: set[tuple[tuple[int, ...], int]] = set()
+        elsewhere: set[tuple[tuple[int, ...], int]] = set()  # problems of other splits, to skip re-hashing them
         rows: list[dict] = []
-        misses = 0
+        attempts = misses = 0
         while len(rows) < size:
+            attempts += 1
             numbers, target = _random_problem(rand, self.min_number, span, self.min_numbers, k_span)
             if lo <= target <= hi:
                 key = (tuple(sorted(numbers)), target)
-                if key not in seen and _split_of_key(key) == split:
-                    seen.add(key)
-                    rows.append({"numbers": numbers, "target": target})
-                    misses = 0
-                    continue
+                if key not in seen and key not in elsewhere:
+                    if _split_of_key(key) == split:
+                        seen.add(key)
+                        rows.append({"numbers": numbers, "target": target})
+                        misses = 0
+                        continue
+                    elsewhere.add(key)
             misses += 1
-            if misses >= _STALL_LIMIT:
-                rows.extend(self._fill_by_enumeration(split, size, rng, seen, len(rows)))
+            # A miss streak far longer than the hit rate so far predicts means the split is nearly used up.
+            if misses > min(_STALL_MAX, max(_STALL_MIN, 30 * attempts // (len(rows) + 1))):
+                rows.extend(self._fill_by_enumeration(split, size, rng, seen, len(rows), attempts))
                 break
         return rows
 
@@ -636,14 +642,16 @@ class Countdown:
             f"{self.min_target}..{self.max_target}; ask for fewer or widen the ranges"
         )
 
-    def _fill_by_enumeration(self, split: str, size: int, rng: random.Random, seen: set, have: int) -> list[dict]:
+    def _fill_by_enumeration(
+        self, split: str, size: int, rng: random.Random, seen: set, have: int, attempts: int
+    ) -> list[dict]:
         """Random draws stopped finding new problems: list the whole space (when small enough) to finish."""
         span = self.max_number - self.min_number + 1
         cost = sum(
             math.comb(span + k - 1, k) * _REACH_COST[k] for k in range(self.min_numbers, self.max_numbers + 1)
         )
         if cost > _ENUMERATION_BUDGET:
-            raise self._too_many(split, size, f"random draws found only {have} after {_STALL_LIMIT} tries; likely few")
+            raise self._too_many(split, size, f"random draws found only {have} in {attempts} tries; likely few")
         remaining = []
         for k in range(self.min_numbers, self.max_numbers + 1):
             for key in itertools.combinations_with_replacement(range(self.min_number, self.max_number + 1), k):
