@@ -161,10 +161,13 @@ class ConfigError(ValueError):
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra so `conf/train.yaml` composes onto typed nodes."""
+    """Register the schema with Hydra so `conf/train.yaml` composes onto typed nodes, and the resolver that makes
+    Hydra's output directory the run directory when `run_dir` is given."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("tinyrl_or"):
+        OmegaConf.register_new_resolver("tinyrl_or", lambda value, default: value if value else default)
 
 
 def to_config(config: TrainConfig | DictConfig | dict) -> TrainConfig:
