@@ -928,7 +928,7 @@ def kl_shaped_rewards(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, r
 # Log-probs and entropy from logits, chunked over tokens
 # --------------------------------------------------------------------------------------------------------------
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 256
 
 
 def _chunks(logits: Tensor, chunk_size: int) -> tuple[bool, list[slice | tuple]]:
@@ -966,11 +966,36 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _float_chunk(block: Tensor, temperature: float) -> Tensor:
-    z = block.to(_compute_dtype(block), copy=True)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+class _ChunkBuffers:
+    """Float buffers of `chunk_size x V`, allocated once per call and reused for every chunk.
+
+    Reuse matters on CPU: a fresh chunk-sized allocation per chunk is returned to the OS when freed and
+    page-faulted in again by the next one, which costs more than the arithmetic.
+    """
+
+    def __init__(self, logits: Tensor, chunk_size: int, count: int):
+        rows = min(chunk_size, max(1, logits.numel() // logits.shape[-1]))
+        shape = (rows, logits.shape[-1])
+        self.buffers = [torch.empty(shape, dtype=_compute_dtype(logits), device=logits.device) for _ in range(count)]
+
+    def load(self, block: Tensor, temperature: float) -> Tensor:
+        """The first buffer, holding z = block / temperature in float."""
+        z = self.buffers[0][: block.shape[0]]
+        z.copy_(block)
+        if temperature != 1.0:
+            z.div_(temperature)
+        return z
+
+    def spare(self, rows: int) -> Tensor:
+        return self.buffers[1][:rows]
+
+
+def _logsumexp_(z: Tensor) -> Tensor:
+    """logsumexp over the last dim, overwriting `z` with exp(z - max)."""
+    top = z.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows of -inf stay -inf, not NaN
+    z.sub_(top).exp_()
+    return z.sum(-1).log_().add_(top.squeeze(-1))
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -982,10 +1007,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         out = torch.empty(labels.shape, dtype=_compute_dtype(logits), device=logits.device)
         lse = torch.empty_like(out)
         src, (labels_v, out_v, lse_v) = _views(logits, [labels, out, lse], flat)
+        buffers = _ChunkBuffers(logits, chunk_size, count=1)
         for idx in indices:
-            z = _float_chunk(src[idx], temperature)
-            lse_chunk = torch.logsumexp(z, dim=-1)
-            out_v[idx] = z.gather(-1, labels_v[idx].unsqueeze(-1)).squeeze(-1) - lse_chunk
+            z = buffers.load(src[idx], temperature)
+            picked = z.gather(-1, labels_v[idx].unsqueeze(-1)).squeeze(-1)
+            lse_chunk = _logsumexp_(z)
+            out_v[idx] = picked - lse_chunk
             lse_v[idx] = lse_chunk
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
@@ -999,11 +1026,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         src, (labels_v, lse_v, grad_v) = _views(logits, [labels, lse, grad_out.contiguous()], flat)
         dst = grad_logits.view(-1, logits.shape[-1]) if flat else grad_logits
+        buffers = _ChunkBuffers(logits, ctx.chunk_size, count=1)
         for idx in indices:
             g = grad_v[idx].to(_compute_dtype(logits)).unsqueeze(-1)
             # d log p(y) / dz = onehot(y) - softmax(z)
-            probs = _float_chunk(src[idx], ctx.temperature).sub_(lse_v[idx].unsqueeze(-1)).exp_()
-            block = probs.mul_(-g)
+            block = buffers.load(src[idx], ctx.temperature).sub_(lse_v[idx].unsqueeze(-1)).exp_().mul_(-g)
             block.scatter_add_(-1, labels_v[idx].unsqueeze(-1), g)
             if ctx.temperature != 1.0:
                 block.div_(ctx.temperature)
@@ -1020,13 +1047,19 @@ class _ChunkedEntropy(torch.autograd.Function):
         out = torch.empty(logits.shape[:-1], dtype=_compute_dtype(logits), device=logits.device)
         lse = torch.empty_like(out)
         src, (out_v, lse_v) = _views(logits, [out, lse], flat)
+        buffers = _ChunkBuffers(logits, chunk_size, count=2)
         for idx in indices:
-            z = _float_chunk(src[idx], temperature)
-            lse_chunk = torch.logsumexp(z, dim=-1)
+            z = buffers.load(src[idx], temperature)
+            top = z.amax(dim=-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             # a -inf logit has p = 0; the clamp makes its p * log p term 0 instead of NaN
-            logp = z.sub_(lse_chunk.unsqueeze(-1)).clamp_(min=torch.finfo(z.dtype).min)
-            out_v[idx] = -logp.exp().mul_(logp).sum(-1)
-            lse_v[idx] = lse_chunk
+            shifted = z.sub_(top).clamp_(min=torch.finfo(z.dtype).min)
+            weights = torch.exp(shifted, out=buffers.spare(z.shape[0]))
+            total = weights.sum(-1)
+            # H = log(sum e^s) - sum(e^s * s) / sum(e^s), with s = z - max
+            log_total = total.log()
+            out_v[idx] = log_total - weights.mul_(shifted).sum(-1) / total
+            lse_v[idx] = log_total + top.squeeze(-1)
         ctx.save_for_backward(logits, lse, out)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return out
@@ -1039,12 +1072,14 @@ class _ChunkedEntropy(torch.autograd.Function):
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         src, (lse_v, ent_v, grad_v) = _views(logits, [lse, entropy, grad_out.contiguous()], flat)
         dst = grad_logits.view(-1, logits.shape[-1]) if flat else grad_logits
+        buffers = _ChunkBuffers(logits, ctx.chunk_size, count=2)
         for idx in indices:
             g = grad_v[idx].to(_compute_dtype(logits)).unsqueeze(-1)
-            logp = _float_chunk(src[idx], ctx.temperature).sub_(lse_v[idx].unsqueeze(-1))
+            logp = buffers.load(src[idx], ctx.temperature).sub_(lse_v[idx].unsqueeze(-1))
             logp.clamp_(min=torch.finfo(logp.dtype).min)
+            probs = torch.exp(logp, out=buffers.spare(logp.shape[0]))
             # dH/dz_v = -p_v * (log p_v + H)
-            block = logp.exp().mul_(logp.add_(ent_v[idx].unsqueeze(-1))).mul_(-g)
+            block = probs.mul_(logp.add_(ent_v[idx].unsqueeze(-1))).mul_(-g)
             if ctx.temperature != 1.0:
                 block.div_(ctx.temperature)
             dst[idx] = block
