@@ -169,7 +169,8 @@ def test_export_from_the_packaged_hydra_config(tmp_path):
     assert len(rows) == 30 and all(len(r["numbers"]) == 3 for r in rows)
     assert rows == Countdown(max_numbers=3).dataset("train", 30, seed=0)
     # The whole kwargs mapping can be given at once, as the comment in conf/data.yaml shows.
-    cfg = packaged_config(tmp_path / "b", "sizes.validation=0", "sizes.test=0", "task.kwargs={max_numbers: 3, max_number: 20}")
+    kwargs = "task.kwargs={max_numbers: 3, max_number: 20}"
+    cfg = packaged_config(tmp_path / "b", "sizes.validation=0", "sizes.test=0", kwargs)
     (path,) = export_from_config(cfg)
     assert path.name == "train.parquet"
     assert all(n <= 20 for row in from_verl_rows(read_rows(path)) for n in row["numbers"])
@@ -177,12 +178,14 @@ def test_export_from_the_packaged_hydra_config(tmp_path):
 
 def test_export_from_a_plain_dict_and_a_loaded_yaml(tmp_path):
     cfg = OmegaConf.load(DATA_YAML)
-    assert cfg.task.name == "countdown" and cfg.format == "parquet" and set(cfg.sizes) == {"train", "validation", "test"}
+    assert cfg.task.name == "countdown" and cfg.format == "parquet"
+    assert set(cfg.sizes) == {"train", "validation", "test"}
     cfg.out_dir = str(tmp_path / "yaml")
     cfg.sizes = {"test": 7}
     (path,) = export_from_config(cfg)
     assert len(read_rows(path)) == 7
-    plain = {"task": {"name": "countdown"}, "sizes": {"train": 4}, "seed": 1, "out_dir": str(tmp_path), "format": "jsonl"}
+    plain = {"task": {"name": "countdown"}, "sizes": {"train": 4}, "seed": 1, "out_dir": str(tmp_path)}
+    plain["format"] = "jsonl"
     (path,) = export_from_config(plain)
     assert from_verl_rows(read_rows(path)) == CD.dataset("train", 4, seed=1)
 

@@ -312,6 +312,11 @@ def _worker_main(conn, task_bytes: bytes, file_modules: list[tuple[str, str]], p
 _START_TIMEOUT = 300.0  # seconds a new worker may take to import the task's modules
 
 
+def _file_modules_in(task_bytes: bytes) -> list[tuple[str, str]]:
+    """The file-loaded modules a pickled task refers to (a pickle names the module of every class it holds)."""
+    return sorted((name, path) for name, path in _FILE_MODULES.items() if name.encode() in task_bytes)
+
+
 class _Worker:
     def __init__(self, ctx, task_bytes: bytes, timeout: float):
         self.progress = ctx.RawArray("d", 2)
@@ -319,7 +324,7 @@ class _Worker:
         self.conn = parent_conn
         self.process = ctx.Process(
             target=_worker_main,
-            args=(child_conn, task_bytes, sorted(_FILE_MODULES.items()), self.progress, timeout),
+            args=(child_conn, task_bytes, _file_modules_in(task_bytes), self.progress, timeout),
             daemon=True,
             name="tinyrl-reward-worker",
         )
