@@ -282,7 +282,10 @@ def _format(tree: Tree) -> tuple[str, int]:
 def solve(numbers: Sequence[int], target: int) -> str | None:
     """An expression using each number exactly once with + - * / that equals ``target`` (exact), or None.
 
-    Exhaustive search over expression trees, memoised on sorted sub-multisets (fine up to 6 numbers).
+    reach(S) = U over splits S = A+B of {x op y : x in reach(A), y in reach(B), op in + - * /}; solvable iff
+    target in reach(numbers). The exhaustive search of Countdown solvers, as used to build and check the task in
+    Stream of Search (Gandhi et al., 2024) and TinyZero (Pan et al., 2025); memoised on sorted sub-multisets,
+    fine up to 6 numbers.
     """
     tree = _solve_tree(numbers, target)
     return None if tree is None else _format(tree)[0]
@@ -351,7 +354,8 @@ def _trace_and_expression(numbers: Sequence[int], target: int) -> tuple[str, str
 def solve_trace(numbers: Sequence[int], target: int) -> str | None:
     """A short search trace ("Try 25+3=28, 28*2=56, 56-6=50. That is 50."), possibly after a miss or two.
 
-    Deterministic per problem; None when there is no solution.
+    trace = [miss_1, ..., miss_k, solution steps in post-order], k in {0, 1, 2} fixed by a hash of the problem:
+    a search written out as text, after Stream of Search (Gandhi et al., 2024). None when there is no solution.
     """
     found = _trace_and_expression(numbers, target)
     return None if found is None else found[0]
@@ -499,7 +503,10 @@ def _split_of_key(key: tuple[tuple[int, ...], int]) -> str:
 
 
 def split_of(numbers: Sequence[int], target: int) -> str:
-    """The split a problem belongs to: a stable hash of (sorted numbers, target), so splits never overlap."""
+    """The split a problem belongs to: a stable hash of (sorted numbers, target), so splits never overlap.
+
+    bucket = blake2b(repr((sorted numbers, target))) mod 100: train 0-79, validation 80-89, test 90-99.
+    """
     return _split_of_key((tuple(sorted(numbers)), target))
 
 
@@ -561,6 +568,7 @@ class Countdown:
     format_score: float = 0.1
     max_answer_chars: int = 200
     max_nesting: int = 16
+    prompt_style: str = "prose"  # prose: the User/Assistant template; compact: one short line (tiny CPU models)
 
     def __post_init__(self) -> None:
         def need_int(arg: str, low: int, high: int) -> None:
@@ -576,6 +584,8 @@ class Countdown:
         need_int("max_target", self.min_target, 10**9)
         need_int("max_answer_chars", 8, 100_000)
         need_int("max_nesting", 1, 100)
+        if self.prompt_style not in ("prose", "compact"):
+            raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
         if not isinstance(self.use_all_numbers, bool):
             raise ValueError(f"Countdown: use_all_numbers must be true or false, got {self.use_all_numbers!r}")
         for arg in ("correct_score", "format_score"):
@@ -685,7 +695,15 @@ class Countdown:
         )
 
     def prompt(self, row: dict) -> str:
-        """Base-model template in User/Assistant prose, ending in an open <think> block."""
+        """Base-model template in User/Assistant prose, ending in an open <think> block.
+
+        With ``prompt_style="compact"`` the same rules in one short line, for tiny models trained on a CPU where
+        every prompt token costs time in every forward pass.
+        """
+        if self.prompt_style == "compact":
+            numbers, target = self._row(row)
+            usage = "each once" if self.use_all_numbers else "each at most once"
+            return f"Use {' '.join(map(str, numbers))} ({usage}, + - * / only) to make {target}.\n<think>"
         return (
             "The User poses an arithmetic puzzle and the Assistant solves it: the Assistant reasons step by "
             "step inside <think> </think> and then gives the final expression inside <answer> </answer>.\n"
@@ -713,7 +731,11 @@ class Countdown:
         return _check_problem(row["numbers"], row["target"], "Countdown row")
 
     def reward(self, completion: str, row: dict) -> Reward:
-        """Score from {0.0, format_score, correct_score}: the last <answer> must equal the target exactly."""
+        """Score from {0.0, format_score, correct_score}: the last <answer> must equal the target exactly.
+
+        score = correct_score if multiset(literals) == numbers and value == target (exact), format_score if an
+        <answer> tag is present, else 0: TinyZero's Countdown reward (Pan et al., 2025), with its holes closed.
+        """
         if not isinstance(completion, str):
             raise TypeError(f"Countdown.reward: completion must be str, got {type(completion).__name__}")
         numbers, target = self._row(row)
