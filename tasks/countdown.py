@@ -510,6 +510,20 @@ def split_of(numbers: Sequence[int], target: int) -> str:
     return _split_of_key((tuple(sorted(numbers)), target))
 
 
+@functools.lru_cache(maxsize=8)
+def _problem_space(
+    min_numbers: int, max_numbers: int, min_number: int, max_number: int, min_target: int, max_target: int, split: str
+) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """Every solvable (sorted numbers, target) of a split, by exhaustive search: for small configurations only."""
+    out = []
+    for k in range(min_numbers, max_numbers + 1):
+        for key in itertools.combinations_with_replacement(range(min_number, max_number + 1), k):
+            for target in sorted(v for v in _reach(key) if type(v) is int and min_target <= v <= max_target):
+                if _split_of_key((key, target)) == split:
+                    out.append((key, target))
+    return tuple(out)
+
+
 def _random_problem(rand, lo: int, span: int, k_min: int, k_span: int) -> tuple[list[int], int]:
     """Random numbers and the value of a random expression tree over them (non-negative integer steps only).
 
@@ -609,9 +623,13 @@ class Countdown:
             raise ValueError(f"Countdown.dataset: size must be an integer >= 0, got {size!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Countdown.dataset: seed must be an integer, got {seed!r}")
-        n_targets = self.max_target - self.min_target + 1
-        if size > self._multiset_count() * n_targets:
-            raise self._too_many(split, size, f"at most {self._multiset_count() * n_targets}")
+        bound = self._multiset_count() * (self.max_target - self.min_target + 1)
+        if size > bound:
+            raise self._too_many(split, size, f"at most {bound}")
+        if size * 8 > bound and self._enumerable():  # a large share of a small space: count it exactly first
+            available = len(self._space(split))
+            if size > available:
+                raise self._too_many(split, size, f"only {available}")
 
         rng = random.Random(_stable_int(f"countdown|{split}|{seed}"))
         rand = rng.random
@@ -652,23 +670,22 @@ class Countdown:
             f"{self.min_target}..{self.max_target}; ask for fewer or widen the ranges"
         )
 
+    def _enumerable(self) -> bool:
+        span = self.max_number - self.min_number + 1
+        cost = sum(math.comb(span + k - 1, k) * _REACH_COST[k] for k in range(self.min_numbers, self.max_numbers + 1))
+        return cost <= _ENUMERATION_BUDGET
+
+    def _space(self, split: str) -> tuple[tuple[tuple[int, ...], int], ...]:
+        numbers = (self.min_numbers, self.max_numbers, self.min_number, self.max_number)
+        return _problem_space(*numbers, self.min_target, self.max_target, split)
+
     def _fill_by_enumeration(
         self, split: str, size: int, rng: random.Random, seen: set, have: int, attempts: int
     ) -> list[dict]:
         """Random draws stopped finding new problems: list the whole space (when small enough) to finish."""
-        span = self.max_number - self.min_number + 1
-        cost = sum(
-            math.comb(span + k - 1, k) * _REACH_COST[k] for k in range(self.min_numbers, self.max_numbers + 1)
-        )
-        if cost > _ENUMERATION_BUDGET:
+        if not self._enumerable():
             raise self._too_many(split, size, f"random draws found only {have} in {attempts} tries; likely few")
-        remaining = []
-        for k in range(self.min_numbers, self.max_numbers + 1):
-            for key in itertools.combinations_with_replacement(range(self.min_number, self.max_number + 1), k):
-                values = _reach(key) if k > 1 else {key[0]: key[0]}
-                for target in sorted(v for v in values if type(v) is int and self.min_target <= v <= self.max_target):
-                    if (key, target) not in seen and _split_of_key((key, target)) == split:
-                        remaining.append((key, target))
+        remaining = [problem for problem in self._space(split) if problem not in seen]
         if have + len(remaining) < size:
             raise self._too_many(split, size, f"only {have + len(remaining)}")
         rng.shuffle(remaining)

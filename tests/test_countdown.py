@@ -301,6 +301,9 @@ def test_cpu_demo_configuration_has_room():
     train = task.dataset("train", 4000, seed=0)
     val = task.dataset("validation", 256, seed=0)
     assert len({key(r) for r in train}) == 4000 and not {key(r) for r in train} & {key(r) for r in val}
+    # This space holds about 12.8k problems, so 20k training problems cannot exist: say so at once.
+    with pytest.raises(ValueError, match=r"asked for 20000 train problems but only \d+ distinct ones exist"):
+        task.dataset("train", 20000, seed=0)
 
 
 @pytest.mark.parametrize(
