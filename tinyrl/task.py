@@ -337,13 +337,16 @@ class _Worker:
         started = self.progress[1]
         return started if self.chunk is not None and started > 0.0 else None
 
-    def stop(self, wait: float = 1.0) -> None:
+    def ask_to_stop(self) -> None:
         if self.process.is_alive():
             try:
                 self.conn.send(None)
             except (OSError, ValueError):
                 pass
-            self.process.join(wait)
+
+    def stop(self, wait: float = 1.0) -> None:
+        self.ask_to_stop()
+        self.process.join(wait)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -352,7 +355,10 @@ class _Worker:
 
 def _stop_workers(workers: list[_Worker]) -> None:
     for w in workers:
-        w.stop()
+        w.ask_to_stop()  # all at once, so they wind down in parallel
+    deadline = time.monotonic() + 1.0
+    for w in workers:
+        w.stop(wait=max(0.0, deadline - time.monotonic()))
     workers.clear()
 
 
