@@ -172,7 +172,11 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """Whitening over masked positions: (x - mean) / sqrt(var + eps), unbiased var, 0 outside `mask`."""
+    """Whitening over masked positions: (x - mean) / sqrt(var + eps), unbiased var, 0 outside `mask`.
+
+    The advantage normalisation of PPO implementations (studied in Engstrom et al., 2020, "Implementation
+    Matters in Deep Policy Gradients").
+    """
     count = mask.sum()
     mean = masked_mean(x, mask)
     centred = _zero_outside(x - mean, mask)
