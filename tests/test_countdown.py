@@ -318,6 +318,7 @@ def test_cpu_demo_configuration_has_room():
         ({"correct_score": float("nan")}, "correct_score"),
         ({"use_all_numbers": 1}, "use_all_numbers"),
         ({"max_answer_chars": 0}, "max_answer_chars"),
+        ({"prompt_style": "short"}, "prompt_style"),
     ],
 )
 def test_bad_configuration_names_the_argument(kwargs, argument):
@@ -347,6 +348,14 @@ def test_base_prompt_states_the_rules_and_opens_think():
     assert "exactly once" in text and "+ - * /" in text and "<answer>" in text
     loose = Countdown(use_all_numbers=False).prompt(row)
     assert "at most once" in loose and "exactly once" not in loose
+
+
+def test_compact_prompt_keeps_the_rules_in_one_line():
+    row = {"numbers": [25, 3, 2, 6], "target": 50}
+    text = Countdown(prompt_style="compact").prompt(row)
+    assert text.endswith("\n<think>") and text.count("\n") == 1 and len(text) < len(CD.prompt(row)) / 4
+    assert "25 3 2 6" in text and "50" in text and "each once" in text and "+ - * /" in text
+    assert "at most once" in Countdown(prompt_style="compact", use_all_numbers=False).prompt(row)
 
 
 def test_chat_form_matches_the_base_prompt():
