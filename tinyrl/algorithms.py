@@ -857,9 +857,12 @@ def _kl_k2(log_ratio: Tensor) -> Tensor:
 
 
 def _kl_k3(log_ratio: Tensor) -> Tensor:
-    """k3 = pi_ref/pi - 1 - log(pi_ref/pi), clamped to [-10, 10]: unbiased, low variance, >= 0. Schulman, 2020."""
+    """k3 = pi_ref/pi - 1 - log(pi_ref/pi), log-ratio clamped to [-10, 10], result to [0, 10]. Schulman, 2020.
+
+    Unbiased and low-variance; written with expm1 and clamped at 0 so rounding cannot make it negative.
+    """
     neg = -log_ratio.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-    return (torch.exp(neg) - 1.0 - neg).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    return (torch.expm1(neg) - neg).clamp(0.0, KL_LOG_RATIO_CLAMP)
 
 
 KL_ESTIMATORS.update({"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3, "abs": _kl_abs})
@@ -869,7 +872,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str, *, response_ma
     """Per-token estimate `[B, T]` of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
 
     Schulman, 2020, "Approximating KL Divergence": with x = log(pi/pi_ref), k1 = x, k2 = x^2 / 2,
-    k3 = exp(-x) - 1 + x (log-ratio and result clamped to [-10, 10]), abs = |x|. The log-ratio of k1, k2 and
+    k3 = exp(-x) - 1 + x (log-ratio clamped to [-10, 10], result to [0, 10]), abs = |x|. The log-ratio of k1, k2 and
     abs is clamped to [-20, 20] so +-inf inputs stay finite. With `response_mask`, positions outside it are 0
     whatever they hold; NaN anywhere that counts raises `ValueError`.
     """
