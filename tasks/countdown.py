@@ -1,7 +1,7 @@
 """Countdown: combine the given numbers with + - * / into an expression equal to the target.
 
-The task of TinyZero (Pan et al., 2025, "TinyZero", https://github.com/Jiayi-Pan/TinyZero), which took it from the
-Countdown numbers game; defaults follow its Countdown-Tasks-3to4 data: 3 or 4 numbers from 1..99, targets 1..99.
+The task of Stream of Search (Gandhi et al., 2024) and TinyZero (Pan et al., 2025), after the Countdown numbers
+game; defaults follow TinyZero's Countdown-Tasks-3to4 data: 3 or 4 numbers from 1..99, targets 1..99.
 
 Scores (``Countdown.reward``) are always one of three values:
 
@@ -31,7 +31,7 @@ from typing import ClassVar, Sequence, Union
 
 from tinyrl.task import SPLITS, Reward, register_task
 
-__all__ = ["Countdown", "solve", "solve_trace", "REASONS"]
+__all__ = ["Countdown", "solve", "solve_trace", "split_of", "extract_answer", "check_answer", "REASONS"]
 
 Value = Union[int, Fraction]
 Tree = Union[int, tuple]  # a leaf number, or (op, left tree, right tree)
