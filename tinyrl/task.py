@@ -27,7 +27,6 @@ import inspect
 import math
 import multiprocessing
 import multiprocessing.connection
-import os
 import pickle
 import signal
 import sys
