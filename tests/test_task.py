@@ -47,6 +47,8 @@ class ScriptedTask:
             os._exit(7)
         if completion == "not a reward":
             return 1.0  # type: ignore[return-value]
+        if completion == "unpicklable info":
+            return Reward(1.0, True, True, {"callback": lambda: None})
         return Reward(float(len(completion)), True, True, {"pid": os.getpid(), "i": row["i"]})
 
 
@@ -208,14 +210,15 @@ def test_scores_in_order_across_both_workers(scorer):
 
 def test_raising_reward_scores_zero_with_the_error(scorer):
     before = dict(scorer.stats)
-    completions = ["ab", "raise", "abc", "not a reward"]
+    completions = ["ab", "raise", "abc", "not a reward", "unpicklable info", "de"]
     rewards = scorer.score(completions, rows_for(completions))
-    assert [r.score for r in rewards] == [2.0, 0.0, 3.0, 0.0]
+    assert [r.score for r in rewards] == [2.0, 0.0, 3.0, 0.0, 0.0, 2.0]
     assert rewards[1].info["error"] == "ValueError: cannot score row 1"
     assert "not Reward" in rewards[3].info["error"]
+    assert "cannot be sent between processes" in rewards[4].info["error"]
     assert not rewards[1].correct and not rewards[1].formatted
-    assert scorer.stats["errors"] - before["errors"] == 2
-    assert scorer.stats["scored"] - before["scored"] == 4
+    assert scorer.stats["errors"] - before["errors"] == 3
+    assert scorer.stats["scored"] - before["scored"] == 6
     assert scorer.stats["worker_restarts"] == before["worker_restarts"]
 
 

@@ -305,7 +305,10 @@ def _worker_main(conn, task_bytes: bytes, file_modules: list[tuple[str, str]], p
             r = _score_one(task, completion, row, alarm_after)
             out.append((r.score, r.correct, r.formatted, r.info))
         progress[1] = 0.0
-        conn.send(("done", out))
+        try:
+            conn.send(("done", out))
+        except Exception:  # a reward put something into info that cannot cross processes; nothing was sent
+            conn.send(("done", [_picklable(result) for result in out]))
 
 
 _START_TIMEOUT = 300.0  # seconds a new worker may take to import the task's modules
@@ -314,6 +317,14 @@ _START_TIMEOUT = 300.0  # seconds a new worker may take to import the task's mod
 def _file_modules_in(task_bytes: bytes) -> list[tuple[str, str]]:
     """The file-loaded modules a pickled task refers to (a pickle names the module of every class it holds)."""
     return sorted((name, path) for name, path in _FILE_MODULES.items() if name.encode() in task_bytes)
+
+
+def _picklable(result: tuple) -> tuple:
+    try:
+        pickle.dumps(result)
+        return result
+    except Exception as exc:
+        return (0.0, False, False, {"error": f"reward info cannot be sent between processes: {exc}"})
 
 
 class _Worker:
