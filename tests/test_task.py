@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -255,6 +256,18 @@ def test_worker_that_exits_is_replaced_and_only_its_sample_scores_zero(scorer):
     assert scorer.stats["errors"] - before["errors"] == 1
 
 
+def test_worker_lost_between_batches_costs_no_sample(scorer):
+    before = dict(scorer.stats)
+    victim = scorer._pool[0].process
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    completions = ["x" * i for i in range(50)]
+    rewards = scorer.score(completions, rows_for(completions))
+    assert [r.score for r in rewards] == [float(i) for i in range(50)]
+    assert scorer.stats["worker_restarts"] - before["worker_restarts"] == 1
+    assert scorer.stats["errors"] == before["errors"]
+
+
 def test_one_batch_with_every_failure_completes_in_order(scorer):
     completions = ["a", "raise", "bb", "exit", "ccc", "sleep", "dddd", "spin", "eeeee", "exit"]
     rewards = scorer.score(completions, rows_for(completions))
@@ -277,6 +290,9 @@ def test_bad_arguments_are_named(scorer):
         scorer.score(["a", "b"], [{"i": 0}])
     with pytest.raises(TypeError, match=r"completions\[1\] is int"):
         scorer.score(["a", 3], [{"i": 0}, {"i": 1}])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="rows cannot be sent to a worker"):
+        scorer.score(["a"], [{"i": 0, "callback": lambda: None}])
+    assert scorer.score(["abc"], [{"i": 0}])[0].score == 3.0  # nothing is left stuck
     with pytest.raises(ValueError, match="workers"):
         RewardScorer(ScriptedTask(), workers=-1)
     with pytest.raises(ValueError, match="timeout"):

@@ -293,7 +293,7 @@ def _worker_main(conn, task_bytes: bytes, file_modules: list[tuple[str, str]], p
     conn.send(("ready",))
     while True:
         try:
-            chunk = conn.recv()
+            chunk = pickle.loads(conn.recv_bytes())
         except EOFError:
             return
         if chunk is None:
@@ -400,6 +400,7 @@ class RewardScorer:
         self.kill_after = self.timeout + min(1.0, self.timeout)  # the in-worker signal gets a chance first
         self.stats = {"scored": 0, "errors": 0, "timeouts": 0, "worker_restarts": 0}
         self._pool: list[_Worker] = []
+        self._failed_starts = 0  # replacement workers that died before they were ready, in a row
         self._closed = False
         if workers == 0:
             return
@@ -487,23 +488,40 @@ class RewardScorer:
         size = max(1, min(64, math.ceil(n / (4 * self.workers))))
         pending = deque(list(range(i, min(i + size, n))) for i in range(0, n, size))
 
+        unattributed = 0
+
         def blame(w: _Worker, error: str) -> None:
             # The sample the worker was on gets the error; the rest of its chunk is scored again elsewhere.
-            chunk = w.chunk or []
-            at = min(int(w.progress[0]), len(chunk) - 1) if w.progress[1] > 0.0 else 0
-            if chunk:
-                results[chunk[at]] = _error_reward(error)
-                rest = chunk[:at] + chunk[at + 1 :]
-                if rest:
-                    pending.appendleft(rest)
-            w.chunk = None
+            nonlocal unattributed
+            chunk, w.chunk = w.chunk or [], None
+            if not chunk:
+                return
+            if w.progress[1] == 0.0:  # lost before it started a sample: no sample is to blame
+                unattributed += 1
+                if unattributed > 2 * self.workers + 2:
+                    raise RuntimeError("reward workers keep dying before they score anything")
+                pending.appendleft(chunk)
+                return
+            at = min(int(w.progress[0]), len(chunk) - 1)
+            results[chunk[at]] = _error_reward(error)
+            rest = chunk[:at] + chunk[at + 1 :]
+            if rest:
+                pending.appendleft(rest)
 
         while pending or any(w.chunk is not None for w in self._pool):
             for w in self._pool:
                 if w.ready and w.chunk is None and pending:
-                    w.chunk = pending.popleft()
+                    chunk = pending.popleft()
+                    try:
+                        payload = pickle.dumps([(completions[i], rows[i]) for i in chunk])
+                    except Exception as exc:
+                        raise TypeError(f"RewardScorer.score: rows cannot be sent to a worker ({exc})") from exc
+                    w.chunk = chunk
                     w.progress[1] = 0.0
-                    w.conn.send([(completions[i], rows[i]) for i in w.chunk])
+                    try:
+                        w.conn.send_bytes(payload)
+                    except OSError:
+                        pass  # the worker died; the next pass over the pool replaces it and requeues the chunk
             now = time.monotonic()
             deadlines = [s + self.kill_after for w in self._pool if (s := w.running_since()) is not None]
             wait_for = max(0.0, min(deadlines) - now) if deadlines else self.kill_after
@@ -527,6 +545,7 @@ class RewardScorer:
                 kind = msg[0]
                 if kind == "ready":
                     w.ready = True
+                    self._failed_starts = 0
                 elif kind == "done" and w.chunk is not None:
                     for i, (score, correct, formatted, info) in zip(w.chunk, msg[1]):
                         results[i] = Reward(score, correct, formatted, info)
@@ -537,7 +556,9 @@ class RewardScorer:
         if not w.process.is_alive():
             w.process.join()
             if not w.ready:
-                raise RuntimeError(f"reward worker exited during start-up (exit code {w.process.exitcode})")
+                self._failed_starts += 1
+                if self._failed_starts > 3:
+                    raise RuntimeError(f"reward workers keep exiting during start-up (exit code {w.process.exitcode})")
             blame(w, f"worker died (exit code {w.process.exitcode})")
             self._replace(w)
             return
