@@ -75,3 +75,15 @@ def test_plot_entry_point_writes_a_png(tiny_model_dir, tmp_path):
     out = _run([str(BIN / "tinyrl-plot"), str(run)], cwd=tmp_path)
     png = Path(out.stdout.strip().splitlines()[-1])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_entry_point_exports_verl_parquet(tmp_path):
+    out = tmp_path / "data"
+    _run([str(BIN / "tinyrl-data"), f"out_dir={out}", "sizes.train=50", "sizes.validation=10", "sizes.test=10",
+          "+task.kwargs.max_numbers=3"], cwd=tmp_path)
+    from tinyrl.data import from_verl_rows, read_rows
+
+    rows = read_rows(next(out.glob("train*.parquet")))
+    assert len(rows) == 50 and rows[0]["data_source"] == "countdown"
+    problems = from_verl_rows(rows)
+    assert all(len(p["numbers"]) == 3 for p in problems)

@@ -130,3 +130,29 @@ def test_trainer_without_dynamic_sampling_keeps_flat_groups(tiny_model_dir, tmp_
     finally:
         trainer.close()
     assert len(groups) == 4 and trainer.sampler.position == 4
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_skipping_rows_without_advantage_gives_the_same_update(agg, tiny_model_dir, tmp_path):
+    from tinyrl.batch import build_batch
+
+    cfg = _config(tiny_model_dir, tmp_path / "cfg", "algorithm=grpo", "algorithm.kl_coef=0",
+                  f"algorithm.loss_agg={agg}", "trainer.micro_batch_tokens=40")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[5 + i, 6, 7][: 1 + i % 3] for i in range(8)]
+    responses = [torch.randint(3, 300, (2 + i,), generator=generator).tolist() for i in range(8)]
+    updated = []
+    for skip in (True, False):
+        trainer = RLTrainer.from_config(cfg, run_dir=tmp_path / str(skip))
+        trainer._loss_vanishes_without_advantage = lambda skip=skip: skip
+        batch = build_batch(prompts, responses, [0.0] * 8, [0, 0, 1, 1, 2, 2, 3, 3], pad_id=0)
+        advantages = torch.randn(8, batch.response_width, generator=torch.Generator().manual_seed(1))
+        advantages[:4] = 0.0  # two groups without a learning signal
+        batch.advantages = advantages * batch.response_mask
+        stats = trainer._optimizer_step(batch, list(range(8)), step=1, on_policy=True)
+        trainer.close()
+        if skip:
+            assert stats["train/rows_with_signal"] == 0.5
+        updated.append({k: v.detach().clone() for k, v in trainer.policy.state_dict().items()})
+    for name in updated[0]:
+        torch.testing.assert_close(updated[0][name], updated[1][name], atol=1e-7, rtol=1e-6)

@@ -123,6 +123,9 @@ class RLTrainer:
         tokenizer=None,
         start_path: str | Path | None = None,
         critic_path: str | Path | None = None,
+        task=None,
+        train_rows: list[dict] | None = None,
+        eval_rows: list[dict] | None = None,
     ) -> "RLTrainer":
         """Build the trainer a config describes: task and splits, policy (unless given), reference, critic.
 
@@ -132,9 +135,11 @@ class RLTrainer:
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
         device = resolve_device(cfg.device)
-        task = get_task(cfg.task.name, **cfg.task.kwargs)
-        train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
-        eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
+        task = task or get_task(cfg.task.name, **cfg.task.kwargs)
+        if train_rows is None:
+            train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
+        if eval_rows is None:
+            eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
         start_path = start_path or cfg.model.path
         if start_path is None:
             raise ValueError("model.path: RLTrainer.from_config needs a model path (or pass policy= and start_path=)")
@@ -317,12 +322,20 @@ class RLTrainer:
 
     def _optimizer_step(self, batch: RolloutBatch, rows: list[int], step: int, on_policy: bool) -> dict[str, float]:
         cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.trainer
+        # The divisor covers every row of the mini-batch, including rows skipped below.
+        normalizer = algorithms.loss_normalizer(a.loss_agg, [batch.response_mask[rows]], constant=self._agg_constant())
+        totals: dict[str, float] = {}
+        if self._loss_vanishes_without_advantage():
+            # Rows whose advantages are all zero (e.g. GRPO groups with equal rewards) add exactly nothing to
+            # the loss or its gradient; skipping their forward/backward passes changes no number.
+            signal = (batch.advantages[rows].abs() * batch.response_mask[rows]).sum(-1) > 0
+            rows = [r for r, keep in zip(rows, signal.tolist()) if keep]
+            totals["train/rows_with_signal"] = float(signal.float().mean())
+            if not rows:
+                return {**totals, "optim/skipped": 1.0}
         micro = split_by_tokens(batch, rows, t.micro_batch_tokens)
-        masks = [batch.select(m).response_mask for m in micro]
-        normalizer = algorithms.loss_normalizer(a.loss_agg, masks, constant=self._agg_constant())
         want_entropy = True
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
         loss_total = 0.0
         for m in micro:
             mb = batch.select(m).to(self.device)
@@ -396,6 +409,11 @@ class RLTrainer:
             self.critic_optimizer.step()
         self.critic.eval()
         return {"losses/value": total, "optim/critic_grad_norm": float(grad_norm)}
+
+    def _loss_vanishes_without_advantage(self) -> bool:
+        """True when every loss term is proportional to the advantage (no KL loss term, no entropy bonus)."""
+        a = self.cfg.algorithm
+        return self.critic is None and a.entropy_coef == 0 and (a.kl_coef == 0 or a.kl_in_reward)
 
     def _agg_constant(self) -> float:
         a = self.cfg.algorithm
@@ -615,6 +633,7 @@ def train(config: TrainConfig | dict | Any) -> dict:
     trainer = RLTrainer.from_config(
         cfg, run_dir=run_dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
         critic_path=checkpoint / "critic" if checkpoint is not None else None,
+        task=task, train_rows=train_rows, eval_rows=eval_rows,
     )
     if state is not None:
         rewind_metrics(run_dir, state["metrics_offset"])
