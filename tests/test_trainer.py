@@ -156,3 +156,21 @@ def test_skipping_rows_without_advantage_gives_the_same_update(agg, tiny_model_d
         updated.append({k: v.detach().clone() for k, v in trainer.policy.state_dict().items()})
     for name in updated[0]:
         torch.testing.assert_close(updated[0][name], updated[1][name], atol=1e-7, rtol=1e-6)
+
+
+def test_rollout_logprobs_equal_a_recomputed_old_policy_pass(tiny_model_dir, tmp_path):
+    """The trainer reuses the transformers engine's log-probs as pi_old; they must match a fresh forward pass."""
+    from tinyrl.policy_ops import batched_logprobs
+
+    cfg = _config(tiny_model_dir, tmp_path / "lp", "algorithm=grpo", "rollout.temperature=0.8", "rollout.n=3")
+    trainer = RLTrainer.from_config(cfg)
+    try:
+        assert trainer._rollout_logprobs_are_exact()
+        groups, _ = trainer._collect_groups(step=1)
+        batch = trainer._assemble(groups)
+        recomputed = batched_logprobs(trainer.policy, batch, 10_000, 0.8, trainer.device, trainer.dtype)
+    finally:
+        trainer.close()
+    torch.testing.assert_close(batch.rollout_logprobs * batch.response_mask, recomputed * batch.response_mask,
+                               atol=1e-4, rtol=0)
+    assert batch.response_mask.sum() > 10

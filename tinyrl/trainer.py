@@ -189,9 +189,12 @@ class RLTrainer:
         temperature = cfg.rollout.temperature
         with self.timer.phase("old_logprobs", step):
             if not on_policy:
-                batch.old_logprobs = batched_logprobs(
-                    self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
-                )
+                if self._rollout_logprobs_are_exact():
+                    batch.old_logprobs = batch.rollout_logprobs
+                else:
+                    batch.old_logprobs = batched_logprobs(
+                        self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                    )
         if self.reference is not None:
             with self.timer.phase("ref_logprobs", step):
                 batch.ref_logprobs = batched_logprobs(
@@ -409,6 +412,12 @@ class RLTrainer:
             self.critic_optimizer.step()
         self.critic.eval()
         return {"losses/value": total, "optim/critic_grad_norm": float(grad_norm)}
+
+    def _rollout_logprobs_are_exact(self) -> bool:
+        """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled
+        from the whole temperature-scaled distribution (no top-k/top-p renormalisation)."""
+        r = self.cfg.rollout
+        return getattr(self.engine, "shares_policy_weights", False) and r.top_k == 0 and r.top_p == 1.0 and r.temperature > 0
 
     def _loss_vanishes_without_advantage(self) -> bool:
         """True when every loss term is proportional to the advantage (no KL loss term, no entropy bonus)."""

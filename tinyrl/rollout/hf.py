@@ -16,6 +16,9 @@ from tinyrl.rollout.base import Completion, SamplingConfig
 
 
 class HFEngine:
+    # Samples from the training model object itself, so its log-probs are the current policy's.
+    shares_policy_weights = True
+
     def __init__(self, model, tokenizer, batch_size: int = 512):
         self.model = model
         self.tokenizer = tokenizer
