@@ -174,3 +174,25 @@ def test_rollout_logprobs_equal_a_recomputed_old_policy_pass(tiny_model_dir, tmp
     torch.testing.assert_close(batch.rollout_logprobs * batch.response_mask, recomputed * batch.response_mask,
                                atol=1e-4, rtol=0)
     assert batch.response_mask.sum() > 10
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run_naming_step_and_phase(tiny_model_dir, tmp_path):
+    from tinyrl.monitor import TrainingError
+
+    cfg = _config(tiny_model_dir, tmp_path / "nan", "algorithm=grpo", "algorithm.kl_coef=0",
+                  "algorithm.entropy_coef=0.01", "trainer.max_bad_steps=2",
+                  "trainer.prompts_per_mini_batch=4")  # one optimizer update per RL step
+    trainer = RLTrainer.from_config(cfg)
+    try:
+        with torch.no_grad():
+            trainer.policy.get_input_embeddings().weight.fill_(float("nan"))  # a diverged model
+        before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        first = trainer.step()
+        assert first["optim/skipped"] == 1.0
+        after = trainer.policy.state_dict()
+        for name in before:  # the skipped update touched nothing (NaN == NaN compared as equal)
+            assert torch.equal(before[name].nan_to_num(7.0), after[name].nan_to_num(7.0)), name
+        with pytest.raises(TrainingError, match=r"step 2, phase update: non-finite"):
+            trainer.step()
+    finally:
+        trainer.close()

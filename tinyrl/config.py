@@ -128,7 +128,7 @@ class TrainerConfig:
     eval_pass_k: int = 0  # >0: also sample this many completions per eval problem and report pass@k
     save_every: int = 0  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 2
-    max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run stops
+    max_bad_steps: int = 5  # consecutive optimizer updates with a non-finite loss or gradient before the run stops
     samples_every: int = 10  # write example completions every N steps (0: never)
 
 
