@@ -335,13 +335,13 @@ def _failed_attempt(rng: random.Random, numbers: Sequence[int], target: int) -> 
     return None
 
 
-def _trace_and_expression(numbers: Sequence[int], target: int) -> tuple[str, str] | None:
+def _trace_and_expression(numbers: Sequence[int], target: int, max_misses: int = 2) -> tuple[str, str] | None:
     tree = _solve_tree(numbers, target)
     if tree is None:
         return None
     rng = random.Random(_stable_int(f"trace|{sorted(numbers)}|{target}"))
     lines = []
-    for _ in range(rng.randrange(3)):  # zero, one or two misses before the solution, fixed per problem
+    for _ in range(rng.randrange(max_misses + 1)):  # 0..max_misses misses before the solution, fixed per problem
         miss = _failed_attempt(rng, numbers, target)
         if miss:
             lines.append(miss)
@@ -583,6 +583,7 @@ class Countdown:
     max_answer_chars: int = 200
     max_nesting: int = 16
     prompt_style: str = "prose"  # prose: the User/Assistant template; compact: one short line (tiny CPU models)
+    trace_misses: int = 2  # at most this many failed attempts before the solution in teacher traces
 
     def __post_init__(self) -> None:
         def need_int(arg: str, low: int, high: int) -> None:
@@ -598,6 +599,7 @@ class Countdown:
         need_int("max_target", self.min_target, 10**9)
         need_int("max_answer_chars", 8, 100_000)
         need_int("max_nesting", 1, 100)
+        need_int("trace_misses", 0, 5)
         if self.prompt_style not in ("prose", "compact"):
             raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
         if not isinstance(self.use_all_numbers, bool):
@@ -776,7 +778,7 @@ class Countdown:
     def demonstration(self, row: dict) -> str | None:
         """A teacher completion continuing ``prompt(row)``: a short search, then the answer; None if unsolvable."""
         numbers, target = self._row(row)
-        found = _trace_and_expression(numbers, target)
+        found = _trace_and_expression(numbers, target, self.trace_misses)
         if found is None:
             return None
         trace, expression = found
