@@ -1,0 +1,115 @@
+"""Seconds per GRPO step: tinyrl's RLTrainer against TRL's GRPOTrainer, same tiny model, same prompts, same run.
+
+Both train the same randomly initialised tiny Qwen2 (tinyrl.models defaults) on Countdown prompts (compact style),
+16 prompts x 8 completions of up to 64 new tokens per step, temperature 1, no KL (beta 0), one optimizer step per
+generation batch, float32 on the CPU. A random model rarely stops early, so both generate close to 64 tokens per
+completion. Reported: mean seconds per step over steps 2..N (step 1 includes warm-up).
+
+Usage: .venv/bin/python benchmarks/bench_rl_step.py [--steps 6] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS, GROUP, NEW_TOKENS = 16, 8, 64
+
+
+def build_model(directory: Path):
+    from tinyrl.models import build_tiny_model
+    from tinyrl.task import get_task
+
+    task = get_task("countdown", max_numbers=3, max_number=20, max_target=50, prompt_style="compact", trace_misses=0)
+    rows = task.dataset("train", 2000, 0)
+    texts = [task.prompt(r) + (task.demonstration(r) or "") for r in rows]
+    build_tiny_model(directory, texts, vocab_size=384, seed=0)
+    return task, rows
+
+
+def bench_tinyrl(model_dir: Path, run_dir: Path, steps: int, threads: int) -> tuple[list[float], float]:
+    from tinyrl.compose import load_config
+    from tinyrl.trainer import RLTrainer
+
+    cfg = load_config([
+        f"model.path={model_dir}", f"run_dir={run_dir}", "sft.enabled=false", "algorithm=grpo", "algorithm.kl_coef=0",
+        f"trainer.prompts_per_step={PROMPTS}", f"trainer.prompts_per_mini_batch={PROMPTS}",
+        f"rollout.n={GROUP}", f"rollout.max_response_tokens={NEW_TOKENS}", "trainer.lr=5e-5", "task.eval_size=8",
+        "task.reward_workers=1", "trainer.samples_every=0", f"threads={threads}",
+    ])
+    trainer = RLTrainer.from_config(cfg)
+    times, lengths = [], []
+    try:
+        for _ in range(steps):
+            start = time.perf_counter()
+            metrics = trainer.step()
+            times.append(time.perf_counter() - start)
+            lengths.append(metrics["response/length_mean"])
+    finally:
+        trainer.close()
+    return times, sum(lengths) / len(lengths)
+
+
+def bench_trl(model_dir: Path, out_dir: Path, task, rows, steps: int) -> tuple[list[float], float]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    data = Dataset.from_list([{"prompt": task.prompt(r), "numbers": r["numbers"], "target": r["target"]} for r in rows])
+
+    def countdown_reward(prompts, completions, numbers, target, **kwargs):
+        return [task.reward(c, {"numbers": n, "target": t}).score for c, n, t in zip(completions, numbers, target)]
+
+    stamps: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    args = GRPOConfig(
+        output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
+        use_vllm=False, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+        max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0, learning_rate=5e-5, max_steps=steps,
+        logging_steps=1, save_strategy="no", num_iterations=1, steps_per_generation=1, seed=0,
+    )
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=countdown_reward, args=args, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    start = time.perf_counter()
+    trainer.train()
+    lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
+    return [b - a for a, b in zip([start] + stamps[:-1], stamps)], sum(lengths) / len(lengths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        task, rows = build_model(tmp / "model")
+        ours, our_length = bench_tinyrl(tmp / "model", tmp / "tinyrl_run", args.steps, args.threads)
+        theirs, their_length = bench_trl(tmp / "model", tmp / "trl_run", task, rows, args.steps)
+    import trl
+
+    mean = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
+    print(f"\n{platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, "
+          f"trl {trl.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"{PROMPTS} prompts x {GROUP} completions x up to {NEW_TOKENS} new tokens per step\n")
+    print("| trainer | mean s/step (steps 2..N) | mean completion tokens | all steps (s) |")
+    print("| --- | --- | --- | --- |")
+    print(f"| tinyrl RLTrainer (hf engine) | {mean(ours):.2f} | {our_length:.1f} | {', '.join(f'{t:.2f}' for t in ours)} |")
+    print(f"| TRL GRPOTrainer (generate) | {mean(theirs):.2f} | {their_length:.1f} | "
+          f"{', '.join(f'{t:.2f}' for t in theirs)} |")
+
+
+if __name__ == "__main__":
+    main()
