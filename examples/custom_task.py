@@ -5,7 +5,7 @@ form, a verifier, and a teacher demonstration for the supervised warm start.
 
     python examples/custom_task.py                       # a few problems and scored sample completions
     tinyrl-data task.name=examples/custom_task.py:SortLetters out_dir=data/sort_letters
-    tinyrl-train task.name=examples/custom_task.py:SortLetters
+    tinyrl-train task=custom task.name=examples/custom_task.py:SortLetters
 
 Scores: 1.0 for the sorted letters in the last <answer> tag, 0.1 for a tag holding anything else, 0.0 without one.
 """

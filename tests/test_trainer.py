@@ -196,3 +196,15 @@ def test_non_finite_updates_are_skipped_then_stop_the_run_naming_step_and_phase(
             trainer.step()
     finally:
         trainer.close()
+
+
+def test_custom_task_file_trains_end_to_end(tiny_model_dir, tmp_path):
+    """examples/custom_task.py, loaded by path: distilled from its own demonstrations, then one GRPO step."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_task.py"
+    cfg = _config(tiny_model_dir, tmp_path / "letters", f"task.name={example}:SortLetters", "sft.enabled=true",
+                  "sft.steps=5", "sft.num_traces=16", "sft.batch_size=4", "trainer.steps=1",
+                  "rollout.max_prompt_tokens=200", "rollout.max_response_tokens=64")
+    summary = train(cfg)
+    assert summary["rl_steps"] == 1 and summary["sft_steps"] == 5
+    samples = (tmp_path / "letters" / "samples.jsonl").read_text()
+    assert "Sort" in samples or "sort" in samples or "letters" in samples

@@ -76,7 +76,10 @@ def tokenize_traces(pairs, tokenizer, max_tokens: int) -> list[tuple[list[int], 
     for i, (p, c) in enumerate(zip(prompts, completions)):
         c = c + [eos]
         if len(p) + len(c) > max_tokens:
-            raise ValueError(f"trace {i} has {len(p) + len(c)} tokens, more than the limit {max_tokens}")
+            raise ValueError(
+                f"trace {i} has {len(p) + len(c)} tokens, more than the limit {max_tokens} "
+                f"(rollout.max_prompt_tokens + rollout.max_response_tokens); raise them or shorten the traces"
+            )
         out.append((p, c))
     return out
 
