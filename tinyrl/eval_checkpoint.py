@@ -63,10 +63,11 @@ def evaluate_checkpoint(cfg) -> dict:
     from tinyrl.prompts import encode_prompts
     from tinyrl.rollout import make_engine
     from tinyrl.task import RewardScorer, get_task
+    from tinyrl.trainer import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     task = get_task(cfg.task.name, **cfg.task.kwargs)
     rows = task.dataset(cfg.split, int(cfg.size), int(cfg.task.get("data_seed", 0)))
     model, tokenizer = load_policy(cfg.checkpoint, device=device)
