@@ -78,3 +78,33 @@ def test_stop_strings_end_generation_and_are_kept(tiny_model_dir):
     assert hit.text.endswith(stop) or stop in hit.text[-len(stop) - 8 :]
     assert len(hit.token_ids) < len(target.token_ids)
     assert hit.token_ids == target.token_ids[: len(hit.token_ids)]
+
+
+def test_sampler_draws_from_the_processed_distribution():
+    from tinyrl.rollout.hf import HFEngine
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0]).repeat(40000, 1)
+    uniforms = torch.rand(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sampling = SamplingConfig(max_new_tokens=1, temperature=0.8, top_k=4, seed=0)
+    chosen, logprobs = HFEngine._sample(logits, sampling, uniforms)
+    kept = logits[0] / 0.8
+    kept = kept.masked_fill(kept < torch.topk(kept, 4).values[-1], float("-inf"))
+    expected = torch.softmax(kept, -1)
+    observed = torch.bincount(chosen, minlength=6).double() / len(chosen)
+    assert observed[expected == 0].sum() == 0  # tokens cut by top-k are never drawn
+    assert torch.allclose(observed, expected.double(), atol=0.01)
+    assert torch.allclose(logprobs, torch.log(expected)[chosen])
+    # the extreme draws still land on tokens that have probability
+    edge, _ = HFEngine._sample(logits[:2], sampling, torch.tensor([0.0, 1.0 - 1e-16], dtype=torch.float64))
+    assert all(expected[t] > 0 for t in edge.tolist())
+
+
+def test_engine_samples_first_tokens_at_the_model_frequencies(tiny_model_dir):
+    model, tokenizer, engine = _engine(tiny_model_dir, batch_size=4096)
+    prompt = _prompts(tokenizer)[1]
+    completions = engine.generate([prompt], SamplingConfig(max_new_tokens=1, n=4000, temperature=1.0, seed=3))
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    observed = torch.bincount(torch.tensor([c.token_ids[0] for c in completions]), minlength=len(expected)).double()
+    observed /= observed.sum()
+    assert (observed - expected).abs().max() < 0.03

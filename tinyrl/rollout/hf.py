@@ -65,39 +65,44 @@ class HFEngine:
             attention_mask[row, width - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        generators = None
+        uniforms = None
         if sampling.temperature > 0:
-            generators = []
+            # One U(0,1) draw per decoding step from each completion's own stream, drawn up front.
+            rows = []
             for i, j in requests:
                 g = torch.Generator(device=device)
                 seed = sampling.seed if sampling.seed is not None else torch.randint(0, 2**62, (1,)).item()
                 g.manual_seed(hash((int(seed), i, j)) & (2**62 - 1))
-                generators.append(g)
+                rows.append(torch.rand(sampling.max_new_tokens, generator=g, device=device, dtype=torch.float64))
+            uniforms = torch.stack(rows)
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
-        tails = [""] * batch  # recent decoded text, long enough to see a stop string complete
         finish = ["length"] * batch
         active = list(range(batch))  # rows still decoding, in cache order
-        tail_len = max((len(s) for s in sampling.stop), default=0) + 16
+        active_index = torch.arange(batch, device=device)
+        # A stop string can only complete on a token holding its last character; only those tokens trigger a
+        # look at the recent text (a token decodes to at least one character, so this many tokens cover it).
+        stop_ends = {s[-1] for s in sampling.stop if s}
+        tail_tokens = max((len(s) for s in sampling.stop), default=0)
 
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         cache = out.past_key_values
         next_positions = position_ids[:, -1] + 1
-        for _ in range(sampling.max_new_tokens):
+        for step in range(sampling.max_new_tokens):
             logits = out.logits[:, -1, :].float()
-            chosen, chosen_logprobs = self._sample(logits, sampling, [generators[r] for r in active] if generators else None)
+            draws = uniforms[active_index, step] if uniforms is not None else None
+            chosen, chosen_logprobs = self._sample(logits, sampling, draws)
             keep = []
-            for k, row in enumerate(active):
-                tok = int(chosen[k])
+            for k, (row, tok, logprob) in enumerate(zip(active, chosen.tolist(), chosen_logprobs.tolist())):
                 tokens[row].append(tok)
-                logprobs[row].append(float(chosen_logprobs[k]))
+                logprobs[row].append(logprob)
                 if tok in self.eos_ids:
                     finish[row] = "stop"
                     continue
-                if sampling.stop:
-                    tails[row] = (tails[row] + self._piece(tok))[-tail_len:]
-                    if any(s in tails[row] for s in sampling.stop):
+                if stop_ends and any(c in self._piece(tok) for c in stop_ends):
+                    recent = "".join(self._piece(t) for t in tokens[row][-tail_tokens:])
+                    if any(s in recent for s in sampling.stop):
                         finish[row] = "stop"
                         continue
                 keep.append(k)
@@ -111,6 +116,7 @@ class HFEngine:
                 next_positions = next_positions[index]
                 chosen = chosen[index]
                 active = [active[k] for k in keep]
+                active_index = active_index[index]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
             out = self.model(
                 input_ids=chosen[:, None],
@@ -129,8 +135,14 @@ class HFEngine:
         return completions
 
     @staticmethod
-    def _sample(logits: torch.Tensor, sampling: SamplingConfig, generators) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick one token per row; return it with its log-prob under the (processed) sampling distribution."""
+    def _sample(
+        logits: torch.Tensor, sampling: SamplingConfig, uniforms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick one token per row; return it with its log-prob under the (processed) sampling distribution.
+
+        Inverse-CDF sampling: token = min{i : sum_{v<=i} p_v > u * sum_v p_v}, u ~ U(0,1) given per row in
+        `uniforms`. Tokens removed by top-k/top-p have p = 0, an empty interval, and are never chosen.
+        """
         if sampling.temperature == 0:
             logp = torch.log_softmax(logits, dim=-1)
             chosen = logits.argmax(dim=-1)
@@ -147,8 +159,10 @@ class HFEngine:
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         logp = torch.log_softmax(logits, dim=-1)
-        # Gumbel-max: argmax(logp + Gumbel noise) is a draw from softmax(logp); each row uses its own stream.
-        uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-        chosen = (logp + gumbel).argmax(dim=-1)
+        probs = logp.double().exp()
+        cdf = probs.cumsum(-1)
+        chosen = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # rounding can put u * total at the very end: fall back to the last token that has probability
+        last_possible = (probs > 0).cumsum(-1).argmax(-1)
+        chosen = torch.minimum(chosen, last_possible)
         return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1)
