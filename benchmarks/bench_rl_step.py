@@ -25,7 +25,7 @@ def build_model(directory: Path):
     from tinyrl.models import build_tiny_model
     from tinyrl.task import get_task
 
-    task = get_task("countdown", max_numbers=3, max_number=20, max_target=50, prompt_style="compact", trace_misses=0,
+    task = get_task("countdown", max_numbers=3, max_number=20, max_target=50, prompt_style="compact", trace_misses=1,
                     format_score=0.0)  # as conf/task/countdown_tiny.yaml, which the tinyrl side uses
     rows = task.dataset("train", 2000, 0)
     texts = [task.prompt(r) + (task.demonstration(r) or "") for r in rows]
