@@ -1,9 +1,9 @@
 """Sampling throughput of tinyrl's transformers engine against `model.generate`, same model, prompts and run.
 
 Both sample 64 Countdown prompts x 8 completions of up to 96 new tokens at temperature 1 from the same randomly
-initialised tiny Qwen2 (tinyrl.models defaults), float32 on the CPU, with a KV cache. A random model rarely emits
-its end token, so nearly every completion runs to 96 tokens on both sides: this compares the decode loops, not when
-they stop. tinyrl's engine also returns each token's log-prob and gives every completion its own random stream;
+initialised tiny Qwen2 (tinyrl.models defaults), float32 on the CPU, with a KV cache, each until its end token or
+96 tokens; both sides then produce about the same number of new tokens (printed), so this compares the decode loops.
+tinyrl's engine also returns each token's log-prob and gives every completion its own random stream;
 `model.generate` does neither. Reported: best of `--repeats` wall times and new tokens per second.
 
 Usage: .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--threads 2]
