@@ -1,0 +1,73 @@
+"""What a Countdown policy's greedy answers look like: how often they check a failed attempt and try again, how
+accurate those answers are, and how many wrong answers rest on wrong arithmetic in the trace.
+
+Answers the held-out problems that `tinyrl-train OVERRIDES` would evaluate (the default: 500 test problems of the
+tiny_cpu experiment), greedily, with every model directory given (e.g. a run's `sft_model` and its last
+`checkpoints/step_*/actor`), and prints one markdown row per model.
+
+Usage: .venv/bin/python benchmarks/analyze_answers.py MODEL_DIR [MODEL_DIR ...] [-- OVERRIDES...]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from fractions import Fraction
+
+import torch
+
+STEP = re.compile(r"(\(?-?\d+(?:/\d+)?\)?)([-+*/])(\(?-?\d+(?:/\d+)?\)?)=(-?\d+(?:/\d+)?)")
+RETRY = "is not"  # a checked attempt that missed: "Try 13+10=23, 23+6=29. 29 is not 17."
+
+
+def arithmetic_is_right(completion: str) -> bool:
+    """True when every `a op b = c` written in the <think> part holds exactly."""
+    for a, op, b, c in STEP.findall(completion.split("</think>")[0]):
+        x, y, z = (Fraction(v.strip("()")) for v in (a, b, c))
+        if op == "/" and y == 0:
+            return False
+        if {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op] != z:
+            return False
+    return True
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    models, overrides = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args, [])
+    if not models:
+        sys.exit(__doc__)
+    from tinyrl.compose import load_config
+    from tinyrl.models import load_policy
+    from tinyrl.prompts import encode_prompts
+    from tinyrl.rollout import SamplingConfig, make_engine
+    from tinyrl.task import get_task
+
+    cfg = load_config(overrides)
+    torch.set_num_threads(cfg.threads)
+    task = get_task(cfg.task.name, **cfg.task.kwargs)
+    rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_response_tokens, temperature=0.0, stop=tuple(task.stop))
+    print(f"# {len(rows)} {cfg.task.eval_split} problems, greedy, up to {cfg.rollout.max_response_tokens} tokens\n")
+    print("| model | accuracy | answers with a retry | accuracy with a retry | accuracy without | "
+          "wrong answers with wrong arithmetic | mean tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for path in models:
+        model, tokenizer = load_policy(path)
+        prompts = encode_prompts(task, rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens, path)
+        answers = make_engine("hf", model, tokenizer).generate(prompts, greedy)
+        correct = [task.reward(a.text, row).correct for a, row in zip(answers, rows)]
+        retry = [RETRY in a.text for a in answers]
+        wrong = [a for a, ok in zip(answers, correct) if not ok]
+
+        def share(flags) -> str:
+            flags = list(flags)
+            return f"{sum(flags) / len(flags):.3f}" if flags else "-"
+
+        print(f"| {path} | {share(correct)} | {share(retry)} | {share(c for c, r in zip(correct, retry) if r)} | "
+              f"{share(c for c, r in zip(correct, retry) if not r)} | "
+              f"{share(not arithmetic_is_right(a.text) for a in wrong)} | "
+              f"{sum(len(a.token_ids) for a in answers) / len(answers):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
