@@ -8,8 +8,9 @@ Batch sizes, each with one meaning:
 - `trainer.prompts_per_step`: problems sampled per RL step; each gets `rollout.n` completions.
 - `trainer.prompts_per_mini_batch`: problems (with all their completions) per optimizer step; must divide
   `prompts_per_step`, so one RL step makes `ppo_epochs * prompts_per_step / prompts_per_mini_batch` optimizer steps.
-- `trainer.micro_batch_tokens`: padded tokens per forward/backward pass (a memory knob only; it never changes the
-  gradient, because losses are normalised over the whole mini-batch).
+- `trainer.micro_batch_tokens`: tokens per forward/backward pass, padding included (a memory knob only; it never
+  changes the gradient, because losses are normalised over the whole mini-batch). With `trainer.packing` the
+  sequences of a micro-batch are laid end to end, so nearly every one of those tokens is a real one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class ModelConfig:
     template: str = "base"  # base: the task's raw prompt; chat: the tokenizer's chat template
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    # auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa; or sdpa | eager | flash_attention_2 |
+    # flash_attention_3 | flex_attention (GPU only: no backward pass on the CPU)
+    attn_implementation: str = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -119,6 +123,7 @@ class TrainerConfig:
     prompts_per_mini_batch: int = 64
     ppo_epochs: int = 1
     micro_batch_tokens: int = 16384
+    packing: bool = False  # log-prob, value and update passes on sequences laid end to end (same numbers, no padding)
     lr: float = 1e-6
     critic_lr: float = 1e-5
     weight_decay: float = 0.0
@@ -254,6 +259,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_algorithm(a)
+    _validate_attention(cfg)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -293,6 +299,25 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _validate_attention(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    from tinyrl.devices import FLASH_ATTENTION_PACKAGES, resolve_device
+
+    name, key = cfg.model.attn_implementation, "model.attn_implementation"
+    _check(name in ATTENTION_IMPLEMENTATIONS, key, f"must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {name!r}")
+    device = resolve_device(cfg.device)
+    if name in FLASH_ATTENTION_PACKAGES:
+        _check(device.type == "cuda", key, f"{name} runs on CUDA GPUs only, and device resolves to {device}")
+        package = FLASH_ATTENTION_PACKAGES[name]
+        _check(importlib.util.find_spec(package) is not None, key, f"{name} needs the {package} package, not installed")
+    if name == "flex_attention":
+        _check(device.type != "cpu", key, "flex_attention has no backward pass on the CPU; use sdpa there")
 
 
 def _looks_local(path: str) -> bool:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from tinyrl.checkpoint import load_checkpoint_state
 from tinyrl.config import TrainConfig, to_config
-from tinyrl.devices import resolve_device, resolve_dtype
+from tinyrl.devices import resolve_attn_implementation, resolve_device, resolve_dtype
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import MetricsWriter, rewind_metrics
 from tinyrl.rundir import default_run_dir, resume_checkpoint, resume_target
@@ -119,16 +119,17 @@ def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows
     from tinyrl.models import load_policy
 
     device = resolve_device(cfg.device)
+    attention = resolve_attn_implementation(cfg.model.attn_implementation, device)
     sft_dir = run.dir / "sft_model"
     summary: dict[str, Any] = {}
     if run.checkpoint is not None:
-        policy, tokenizer = load_policy(run.checkpoint / "actor", device=device)
+        policy, tokenizer = load_policy(run.checkpoint / "actor", device=device, attn_implementation=attention)
         summary.update(run.state.get("extra", {}).get("summary", {}))
     elif cfg.sft.enabled and (sft_dir / "config.json").exists():
-        policy, tokenizer = load_policy(sft_dir, device=device)
+        policy, tokenizer = load_policy(sft_dir, device=device, attn_implementation=attention)
         summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
     else:
-        policy, tokenizer = load_policy(base_path, device=device)
+        policy, tokenizer = load_policy(base_path, device=device, attn_implementation=attention)
         if cfg.sft.enabled:
             summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows))
     start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from tinyrl import algorithms
-from tinyrl.batch import RolloutBatch, build_batch, split_by_tokens
+from tinyrl.batch import RolloutBatch, build_batch
 from tinyrl.checkpoint import capture_rng, restore_rng, save_checkpoint
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
-from tinyrl.devices import resolve_device, resolve_dtype
+from tinyrl.devices import resolve_attn_implementation, resolve_device, resolve_dtype
 from tinyrl.eval_checkpoint import evaluate_policy
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import MetricsWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
+from tinyrl.packing import packing_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
@@ -84,6 +85,8 @@ class RLTrainer:
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
+        # the packed layout every model's attention kernel supports (None: padded micro-batches)
+        self.packed_layout = packing_for([m for m in (policy, reference, critic) if m is not None]) if t.packing else None
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -118,6 +121,7 @@ class RLTrainer:
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
         device = resolve_device(cfg.device)
+        attention = resolve_attn_implementation(cfg.model.attn_implementation, device)
         task = task or get_task(cfg.task.name, **cfg.task.kwargs)
         if train_rows is None:
             train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
@@ -127,15 +131,17 @@ class RLTrainer:
         if start_path is None:
             raise ValueError("model.path: RLTrainer.from_config needs a model path (or pass policy= and start_path=)")
         if policy is None:
-            policy, tokenizer = load_policy(start_path, device=device)
+            policy, tokenizer = load_policy(start_path, device=device, attn_implementation=attention)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         reference = critic = None
         if uses_reference(cfg.algorithm):
-            reference, _ = load_policy(start_path, device=device)
+            reference, _ = load_policy(start_path, device=device, attn_implementation=attention)
             reference.requires_grad_(False).eval()
         if uses_critic(cfg.algorithm):
-            critic = load_critic(critic_path or cfg.model.critic_path or start_path, device=device)
+            critic = load_critic(
+                critic_path or cfg.model.critic_path or start_path, device=device, attn_implementation=attention
+            )
             if cfg.model.gradient_checkpointing:
                 critic.gradient_checkpointing_enable()
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
@@ -176,16 +182,20 @@ class RLTrainer:
                     batch.old_logprobs = batch.rollout_logprobs
                 else:
                     batch.old_logprobs = batched_logprobs(
-                        self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                        self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                        self.packed_layout,
                     )
         if self.reference is not None:
             with self.timer.phase("ref_logprobs", step):
                 batch.ref_logprobs = batched_logprobs(
-                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                    self.packed_layout,
                 )
         if self.critic is not None:
             with self.timer.phase("values", step):
-                batch.values = batched_values(self.critic, batch, t.micro_batch_tokens, self.device, self.dtype)
+                batch.values = batched_values(
+                    self.critic, batch, t.micro_batch_tokens, self.device, self.dtype, self.packed_layout
+                )
 
         # 7. advantages
         with self.timer.phase("advantages", step):
@@ -319,7 +329,7 @@ class RLTrainer:
             totals["train/rows_with_signal"] = float(signal.float().mean())
             if not rows:
                 return {**totals, "optim/skipped": 1.0}
-        micro = split_by_tokens(batch, rows, t.micro_batch_tokens)
+        micro, packing = plan_micro_batches(batch, rows, t.micro_batch_tokens, self.packed_layout)
         want_entropy = True
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
@@ -327,7 +337,9 @@ class RLTrainer:
             mb = batch.select(m).to(self.device)
             weight = len(m) / len(rows)  # share of the mini-batch, to average per-micro-batch metrics
             with autocast_for(self.device, self.dtype):
-                logprobs, entropy = token_logprobs(self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy)
+                logprobs, entropy = token_logprobs(
+                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing
+                )
                 if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
                     loss_total = float("nan")  # the guard below skips this update (and stops a diverged run)
                     break
@@ -372,10 +384,10 @@ class RLTrainer:
             self.schedule.step()
         totals["optim/grad_norm"] = float(grad_norm)
         if self.critic is not None:
-            totals.update(self._critic_step(batch, rows, micro, normalizer))
+            totals.update(self._critic_step(batch, rows, micro, normalizer, packing))
         return totals
 
-    def _critic_step(self, batch, rows, micro, normalizer) -> dict[str, float]:
+    def _critic_step(self, batch, rows, micro, normalizer, packing=None) -> dict[str, float]:
         cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.trainer
         self.critic.train()
         self.critic_optimizer.zero_grad(set_to_none=True)
@@ -383,7 +395,7 @@ class RLTrainer:
         for m in micro:
             mb = batch.select(m).to(self.device)
             with autocast_for(self.device, self.dtype):
-                values = token_values(self.critic, mb)
+                values = token_values(self.critic, mb, packing=packing)
                 loss, _ = algorithms.value_loss(
                     values, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, agg=a.loss_agg,
                     normalizer=normalizer,
