@@ -14,6 +14,7 @@ from tinyrl.config import ConfigError
 from tinyrl.models import load_critic, load_policy
 from tinyrl.packing import pack_layout, packed_lengths, packing_for, plan_micro_batches
 from tinyrl.policy_ops import batched_logprobs, batched_values, token_logprobs, token_values
+from tinyrl.trainer import RLTrainer
 
 # prompt lengths and response lengths: an empty response, one-token responses, and a row (21 + 40 tokens) longer
 # than the smaller budgets below
@@ -222,3 +223,67 @@ def test_attention_choice_is_validated_before_any_model_loads(override, message)
 
     with pytest.raises(ConfigError, match=message):
         load_config(["device=cpu", override])
+
+
+# ---------------------------------------------------------------------- the trainer, packing on vs off
+TASK = str(__import__("pathlib").Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
+
+
+def _trainer_config(tiny_model_dir, run_dir, *overrides):
+    from tinyrl.compose import load_config
+
+    return load_config([
+        f"model.path={tiny_model_dir}", f"run_dir={run_dir}", f"task.name={TASK}", "task=custom",
+        "task.train_size=64", "task.eval_size=8", "task.reward_workers=0", "sft.enabled=false", "rollout.n=4",
+        "rollout.max_response_tokens=24", "rollout.max_prompt_tokens=64", "trainer.prompts_per_step=4",
+        "trainer.prompts_per_mini_batch=2", "trainer.lr=1e-3", "trainer.critic_lr=1e-3",
+        "trainer.micro_batch_tokens=64", "logging.progress=false", "logging.plot=false", "threads=1", *overrides,
+    ])
+
+
+def test_trainer_update_is_the_same_with_and_without_packing(tiny_model_dir, tmp_path):
+    """One optimizer step (PPO: clipped policy loss, KL and entropy terms, critic) on a ragged batch with an
+    empty response, one-token responses and a row longer than the micro-batch budget."""
+    batch = _ragged_batch(seed=2)
+    batch.group_index = torch.arange(batch.size) // 3
+    results = []
+    for packing in (False, True):
+        cfg = _trainer_config(tiny_model_dir, tmp_path / str(packing), "algorithm=ppo", "algorithm.kl_in_reward=false",
+                              "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01", f"trainer.packing={packing}")
+        trainer = RLTrainer.from_config(cfg)
+        assert trainer.packed_layout == ("dense" if packing else None)
+        with torch.no_grad():
+            trainer.critic.score.weight.normal_(generator=torch.Generator().manual_seed(3))
+        stats = trainer._optimizer_step(batch, list(range(batch.size)), step=1, on_policy=False)
+        trainer.close()
+        grads = {f"policy.{k}": p.grad.clone() for k, p in trainer.policy.named_parameters()}
+        grads.update({f"critic.{k}": p.grad.clone() for k, p in trainer.critic.named_parameters()})
+        weights = {f"policy.{k}": v.clone() for k, v in trainer.policy.state_dict().items()}
+        weights.update({f"critic.{k}": v.clone() for k, v in trainer.critic.state_dict().items()})
+        results.append((stats, grads, weights))
+    (padded_stats, padded_grads, padded_weights), (packed_stats, packed_grads, packed_weights) = results
+    for key in ("losses/policy", "policy/kl", "policy/entropy", "optim/grad_norm", "losses/value",
+                "optim/critic_grad_norm"):
+        assert packed_stats[key] == pytest.approx(padded_stats[key], rel=1e-5, abs=1e-6), key
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    for name, weight in padded_weights.items():
+        torch.testing.assert_close(packed_weights[name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_whole_rl_step_is_the_same_with_and_without_packing(tiny_model_dir, tmp_path):
+    """Sampling, old/ref/value passes and two optimizer steps of PPO with a reference, packing on vs off."""
+    metrics = []
+    for packing in (False, True):
+        cfg = _trainer_config(tiny_model_dir, tmp_path / f"step{packing}", "algorithm=ppo", "algorithm.kl_coef=0.1",
+                              "model.gradient_checkpointing=true", f"trainer.packing={packing}")
+        trainer = RLTrainer.from_config(cfg)
+        try:
+            metrics.append(trainer.step())
+        finally:
+            trainer.close()
+    padded, packed = metrics
+    assert padded["train/completions"] == 16 and padded["response/length_mean"] == packed["response/length_mean"]
+    for key in ("losses/policy", "policy/kl", "policy/kl_in_reward", "policy/entropy", "optim/grad_norm",
+                "losses/value", "optim/critic_grad_norm"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
