@@ -257,18 +257,52 @@ def _sequence_scores(token_rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     return _zero_outside(token_rewards, mask).sum(-1), mask.any(-1)
 
 
-def _group_mean_std(scores: Tensor, valid: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row mean, unbiased std and size of the row's group, counting only `valid` rows (std 0 for size 1)."""
+def _per_group(values: Tensor, groups: Tensor, reduce: str) -> Tensor:
+    """`[G]` reduction (`sum`, `amax` or `amin`) of the `[B]` `values` over each group id `0..G-1`."""
     num_groups = int(groups.max()) + 1 if groups.numel() else 0
+    start = {"sum": 0.0, "amax": -math.inf, "amin": math.inf}[reduce]
+    out = torch.full((num_groups,), start, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, groups.to(values.device), values, reduce)
+
+
+def _group_spread(scores: Tensor, valid: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row max and min of the `valid` scores of the row's group (both 0 for a group with none)."""
     groups = groups.to(scores.device)
-    weight = valid.to(scores.dtype)
-    count = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, groups, weight)
-    total = torch.zeros_like(count).index_add_(0, groups, scores * weight)
-    mean = total / count.clamp(min=1)
-    deviation = (scores - mean[groups]) * weight
-    sq = torch.zeros_like(count).index_add_(0, groups, deviation**2)
-    std = (sq / (count - 1).clamp(min=1)).sqrt()
-    return mean[groups], std[groups], count[groups]
+    high = _per_group(torch.where(valid, scores, -math.inf), groups, "amax")
+    low = _per_group(torch.where(valid, scores, math.inf), groups, "amin")
+    empty = ~torch.isfinite(high)
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    return torch.where(empty, zero, high)[groups], torch.where(empty, zero, low)[groups]
+
+
+def _group_centred(scores: Tensor, valid: Tensor, groups: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Per row: s_i - sum_j w_j s_j / sum_j w_j over the `valid` rows j of i's group (w = 1 by default); 0 if invalid.
+
+    Computed on d = s - max_group(s): in a group of equal scores every d is exactly 0, so its centred scores are
+    exactly 0 in any precision. The plain sum/count mean is not: the mean of eight float32 copies of 0.7 differs
+    from 0.7 by rounding, and a std division would turn that difference into an advantage.
+    """
+    groups = groups.to(scores.device)
+    weights = valid.to(scores.dtype) if weights is None else torch.where(valid, weights.to(scores.dtype), 0.0)
+    high, _ = _group_spread(scores, valid, groups)
+    offsets = torch.where(valid, scores - high, 0.0)
+    total_weight = _per_group(weights, groups, "sum")
+    mean_offset = _per_group(weights * offsets, groups, "sum") / total_weight.clamp(min=1)
+    return torch.where(valid, offsets - mean_offset[groups], 0.0)
+
+
+def _group_size(valid: Tensor, groups: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per row: the number of `valid` rows in the row's group."""
+    groups = groups.to(valid.device)
+    return _per_group(valid.to(dtype), groups, "sum")[groups]
+
+
+def _group_std(centred: Tensor, valid: Tensor, groups: Tensor) -> Tensor:
+    """Per row: unbiased std of the row's group, sqrt(sum_j c_j^2 / (n - 1)) from centred scores (0 for n = 1)."""
+    groups = groups.to(centred.device)
+    count = _group_size(valid, groups, centred.dtype)
+    squares = _per_group(torch.where(valid, centred**2, 0.0), groups, "sum")[groups]
+    return (squares / (count - 1).clamp(min=1)).sqrt()
 
 
 def _broadcast(per_sequence: Tensor, mask: Tensor) -> Tensor:
@@ -325,9 +359,8 @@ def grpo_advantages(token_rewards: Tensor, response_mask: Tensor, *, group_index
     """
     groups = _require_groups(group_index, "grpo")
     scores, valid = _sequence_scores(token_rewards, response_mask)
-    mean, std, _ = _group_mean_std(scores, valid, groups)
-    centred = scores - mean
-    per_sequence = centred / (std + eps) if norm_by_std else centred
+    centred = _group_centred(scores, valid, groups)
+    per_sequence = centred / (_group_std(centred, valid, groups) + eps) if norm_by_std else centred
     advantages = _broadcast(per_sequence, response_mask)
     return advantages, advantages
 
@@ -341,8 +374,7 @@ def dr_grpo_advantages(token_rewards: Tensor, response_mask: Tensor, *,
     """
     groups = _require_groups(group_index, "dr_grpo")
     scores, valid = _sequence_scores(token_rewards, response_mask)
-    mean, _, _ = _group_mean_std(scores, valid, groups)
-    advantages = _broadcast(scores - mean, response_mask)
+    advantages = _broadcast(_group_centred(scores, valid, groups), response_mask)
     return advantages, advantages
 
 
@@ -356,9 +388,9 @@ def rloo_advantages(token_rewards: Tensor, response_mask: Tensor, *,
     """
     groups = _require_groups(group_index, "rloo")
     scores, valid = _sequence_scores(token_rewards, response_mask)
-    mean, _, count = _group_mean_std(scores, valid, groups)
+    count = _group_size(valid, groups, scores.dtype)
     scale = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.zeros_like(count))
-    advantages = _broadcast(scale * (scores - mean), response_mask)
+    advantages = _broadcast(scale * _group_centred(scores, valid, groups), response_mask)
     return advantages, advantages
 
 
@@ -372,12 +404,7 @@ def opo_advantages(token_rewards: Tensor, response_mask: Tensor, *,
     groups = _require_groups(group_index, "opo")
     scores, valid = _sequence_scores(token_rewards, response_mask)
     lengths = response_mask.sum(-1).to(scores.dtype)
-    num_groups = int(groups.max()) + 1 if groups.numel() else 0
-    groups = groups.to(scores.device)
-    weighted = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, groups, lengths * scores)
-    total_length = torch.zeros_like(weighted).index_add_(0, groups, lengths)
-    baseline = (weighted / total_length.clamp(min=1))[groups]
-    advantages = _broadcast(torch.where(valid, scores - baseline, torch.zeros_like(scores)), response_mask)
+    advantages = _broadcast(_group_centred(scores, valid, groups, weights=lengths), response_mask)
     return advantages, advantages
 
 
@@ -399,12 +426,15 @@ def reinforce_pp_baseline_advantages(token_rewards: Tensor, response_mask: Tenso
     """REINFORCE++-baseline: A = whiten_batch(r_i - mean(r_group)), broadcast to the tokens of sequence i.
 
     Hu, 2025, "REINFORCE++" (the group-baseline variant): the group mean removes the prompt's difficulty,
-    whitening over the batch's response tokens sets the scale.
+    whitening over the batch's response tokens sets the scale. Rows of a group whose scores are all equal (a
+    group of one included) stay 0: whitening's shift by the batch mean would hand them an advantage that says
+    nothing about their answers.
     """
     groups = _require_groups(group_index, "reinforce_pp_baseline")
     scores, valid = _sequence_scores(token_rewards, response_mask)
-    mean, _, _ = _group_mean_std(scores, valid, groups)
-    advantages = masked_whiten(_broadcast(scores - mean, response_mask), response_mask)
+    high, low = _group_spread(scores, valid, groups)
+    whitened = masked_whiten(_broadcast(_group_centred(scores, valid, groups), response_mask), response_mask)
+    advantages = _zero_outside(whitened, (high > low)[:, None] & response_mask)
     return advantages, advantages
 
 
@@ -459,11 +489,9 @@ def groups_with_reward_variance(rewards: Tensor, group_index: Tensor | Sequence[
         rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         raise ValueError(f"rewards are non-finite in rows {rows[:10]}")
     groups = _group_ids(group_index, rewards.shape[0]).to(rewards.device)
-    num_groups = int(groups.max()) + 1 if groups.numel() else 0
     r = rewards.to(_float_dtype(rewards))
-    high = torch.full((num_groups,), -math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, groups, r, "amax")
-    low = torch.full((num_groups,), math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, groups, r, "amin")
-    return (high > low)[groups]
+    high, low = _group_spread(r, torch.ones_like(r, dtype=torch.bool), groups)
+    return high > low
 
 
 def overlong_penalty(response_lengths: Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> Tensor:
@@ -802,7 +830,7 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor | None, advant
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip: float | None = 0.5,
                agg: str = "token-mean", normalizer: Normalizer = None) -> tuple[Tensor, dict[str, float]]:
-    """Clipped value loss: l_t = 1/2 * max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -c, c) - R_t)^2).
+    """Clipped value loss: l_t = 1/2 * max((V_t - R_t)^2, (clip(V_t, V_old,t - c, V_old,t + c) - R_t)^2).
 
     PPO (Schulman et al., 2017) with the value clipping of OpenAI Baselines' PPO2 (studied in Engstrom et al.,
     2020, "Implementation Matters in Deep Policy Gradients"). `clip=None` gives the plain 1/2 (V - R)^2.
@@ -823,7 +851,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, response_mas
         loss_mat = 0.5 * unclipped
         clipped_more = torch.zeros_like(mask)
     else:
-        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        # clamping V itself (not V_old + clamp(V - V_old)) keeps an unclipped token's value bit-for-bit V, so
+        # rounding cannot make its clipped term the larger one and count it in vf_clip_frac
+        clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
         clipped = (clipped_values - returns) ** 2
         loss_mat = 0.5 * torch.maximum(unclipped, clipped)
         clipped_more = clipped > unclipped
