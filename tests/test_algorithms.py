@@ -902,3 +902,44 @@ def test_unknown_or_malformed_presets_are_named():
         A.validate_preset(bad, source="mine")
     with pytest.raises(ValueError, match=r"missing key\(s\) \['kl_coef'\]"):
         A.validate_preset({k: v for k, v in A.load_preset("grpo").items() if k != "kl_coef"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The package's public surface
+# ----------------------------------------------------------------------------------------------------------------
+
+PUBLIC_NAMES = {
+    "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "LOG_RATIO_CLAMP", "KL_LOG_RATIO_CLAMP", "POLICY_LOSSES",
+    "PRESET_KEYS", "LossNormalizer", "aggregate", "available_presets", "compute_advantages", "entropy_from_logits",
+    "groups_with_reward_variance", "importance_log_ratio", "kl_loss", "kl_penalty", "kl_shaped_rewards",
+    "load_preset", "logprobs_from_logits", "loss_normalizer", "masked_mean", "masked_whiten", "overlong_penalty",
+    "policy_loss", "register_advantage_estimator", "register_policy_loss", "token_rewards_from_outcome",
+    "validate_preset", "value_loss",
+}
+
+
+def test_every_public_name_imports_from_the_package_and_names_what_it_always_named():
+    assert set(A.__all__) == PUBLIC_NAMES
+    namespace: dict = {}
+    exec(f"from tinyrl.algorithms import {', '.join(sorted(PUBLIC_NAMES))}", namespace)
+    for name in PUBLIC_NAMES:
+        assert namespace[name] is getattr(A, name), name
+    # functions, not the family modules that define them
+    assert callable(A.value_loss) and callable(A.policy_loss) and callable(A.compute_advantages)
+
+
+def test_one_registry_per_family_serves_dispatch_and_preset_validation(scratch_registries):
+    @A.register_advantage_estimator("mean_only")
+    def mean_only(token_rewards, response_mask, *, group_index):
+        return A.compute_advantages("dr_grpo", token_rewards, response_mask, group_index=group_index)
+
+    @A.register_policy_loss("plain")
+    def plain(logprobs, old_logprobs, advantages, response_mask):
+        return -advantages * logprobs, {}
+
+    preset = dict(A.load_preset("grpo"), advantage="mean_only", policy_loss="plain")
+    A.validate_preset(preset, source="custom")
+    adv, _ = A.compute_advantages("mean_only", t([1.0, 0.0]), torch.ones(2, 2), group_index=[0, 0])
+    close(adv[:, 0], [0.5, -0.5])
+    loss, _ = A.policy_loss("plain", t([[-1.0, -1.0], [-1.0, -1.0]]), None, adv, torch.ones(2, 2))
+    close(loss, 0.0)
