@@ -12,7 +12,7 @@ from tinyrl import algorithms
 from tinyrl.batch import build_batch
 from tinyrl.config import ConfigError
 from tinyrl.models import load_critic, load_policy
-from tinyrl.packing import pack_layout, packed_lengths, packing_for, plan_micro_batches
+from tinyrl.packing import layout_for, pack_layout, packed_lengths, packing_for, plan_micro_batches
 from tinyrl.policy_ops import batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.trainer import RLTrainer
 
@@ -198,9 +198,14 @@ def test_packing_needs_an_attention_kernel_that_keeps_sequences_apart(tiny_model
     # flash-attn cannot be installed on this CPU machine: name the kernel on a real model's config instead
     sdpa.config._attn_implementation = "flash_attention_2"
     assert packing_for([sdpa]) == "flash" and packing_for([sdpa, flex]) == "one_row"
+    assert layout_for("auto", [sdpa]) == "flash" and layout_for("false", [sdpa]) is None
     sdpa.config._attn_implementation = "paged|sdpa"
     with pytest.raises(ValueError, match=r"trainer.packing: attention implementation 'paged\|sdpa'"):
         packing_for([sdpa])
+    assert layout_for("auto", [sdpa]) is None  # auto keeps padded micro-batches where packing cannot run
+    # auto packs only where the kernel's cost follows the real tokens; true packs with dense masks too
+    assert layout_for("auto", [eager]) is None and layout_for("True", [eager]) == "dense"
+    assert layout_for("auto", [flex]) == "one_row" and layout_for("auto", [flex, eager]) is None
 
 
 def test_a_row_without_prompt_is_refused_by_name():
@@ -216,6 +221,7 @@ def test_a_row_without_prompt_is_refused_by_name():
         ("model.attn_implementation=flash", "model.attn_implementation: must be one of auto, sdpa"),
         ("model.attn_implementation=flash_attention_2", "model.attn_implementation: flash_attention_2 runs on CUDA"),
         ("model.attn_implementation=flex_attention", "model.attn_implementation: flex_attention has no backward"),
+        ("trainer.packing=sometimes", "trainer.packing: must be one of auto, true, false"),
     ],
 )
 def test_attention_choice_is_validated_before_any_model_loads(override, message):

@@ -123,7 +123,10 @@ class TrainerConfig:
     prompts_per_mini_batch: int = 64
     ppo_epochs: int = 1
     micro_batch_tokens: int = 16384
-    packing: bool = False  # log-prob, value and update passes on sequences laid end to end (same numbers, no padding)
+    # sequences laid end to end in the log-prob, value and update passes (same numbers, no padding FLOPs): auto
+    # packs when the attention kernel's cost follows the real tokens (flash-attention, flex_attention); true also
+    # packs for sdpa/eager (block-diagonal masks over rows as wide as the longest sequence); false never
+    packing: str = "auto"
     lr: float = 1e-6
     critic_lr: float = 1e-5
     weight_decay: float = 0.0
@@ -260,6 +263,10 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_algorithm(a)
     _validate_attention(cfg)
+    _check(
+        str(t.packing).lower() in PACKING_CHOICES, "trainer.packing",
+        f"must be one of {', '.join(PACKING_CHOICES)}, got {t.packing!r}",
+    )
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -301,6 +308,7 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
 
 
+PACKING_CHOICES = ("auto", "true", "false")
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 

@@ -108,6 +108,21 @@ def packing_for(models: Sequence) -> str:
     return "flash" if kinds == {"flash"} else "one_row"
 
 
+def layout_for(setting: str | bool, models: Sequence) -> Optional[str]:
+    """The layout `trainer.packing` asks for with these models: None (padded) for false, and for auto unless every
+    model's attention kernel costs only the real tokens (flash-attention, flex_attention); otherwise the kind
+    `packing_for` names (true refuses a kernel that cannot keep packed sequences apart)."""
+    setting = str(setting).lower()
+    if setting == "false":
+        return None
+    if setting == "auto":
+        kernels = {getattr(m.config, "_attn_implementation", None) for m in models}
+        return packing_for(models) if kernels <= set(ONE_ROW_ATTENTION) else None
+    if setting != "true":
+        raise ValueError(f"trainer.packing must be auto, true or false, got {setting!r}")
+    return packing_for(models)
+
+
 def plan_micro_batches(
     batch: RolloutBatch, rows: Sequence[int], token_budget: int, layout: Optional[str]
 ) -> tuple[list[list[int]], Optional[Packing]]:

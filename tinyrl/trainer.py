@@ -24,7 +24,7 @@ from tinyrl.eval_checkpoint import evaluate_policy
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import MetricsWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
-from tinyrl.packing import packing_for, plan_micro_batches
+from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
@@ -85,8 +85,8 @@ class RLTrainer:
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
-        # the packed layout every model's attention kernel supports (None: padded micro-batches)
-        self.packed_layout = packing_for([m for m in (policy, reference, critic) if m is not None]) if t.packing else None
+        # the micro-batch layout of the log-prob, value and update passes (None: padded)
+        self.packed_layout = layout_for(t.packing, [m for m in (policy, reference, critic) if m is not None])
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
