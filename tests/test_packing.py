@@ -48,7 +48,18 @@ def models(request, tiny_model_dir):
     return policy, critic
 
 
-def test_padded_and_packed_logprobs_entropies_and_values_agree(models):
+@pytest.fixture(params=["installed", "columns"])
+def logit_selection(request, monkeypatch):
+    """The LM head of several packed rows runs on a boolean mask where transformers slices by one (5.2x), else on
+    the columns any row needs (earlier 5.x, as on the GPU machine's 5.17): both paths are checked here."""
+    from tinyrl import policy_ops
+
+    if request.param == "columns":
+        monkeypatch.setattr(policy_ops, "slices_logits_by_mask", lambda: False)
+    return request.param
+
+
+def test_padded_and_packed_logprobs_entropies_and_values_agree(models, logit_selection):
     policy, critic = models
     batch = _ragged_batch()
     mask = batch.response_mask > 0
@@ -110,7 +121,7 @@ def _accumulated_loss_and_grads(policy, critic, batch, budget, layout, agg):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_padded_and_packed_losses_and_gradients_agree(models, agg):
+def test_padded_and_packed_losses_and_gradients_agree(models, agg, logit_selection):
     policy, critic = models
     batch = _ragged_batch(seed=1)
     padded = _accumulated_loss_and_grads(policy, critic, batch, 24, None, agg)

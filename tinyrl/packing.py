@@ -72,6 +72,11 @@ class PackedLayout:
             )
         return inputs
 
+    def keep_mask(self) -> torch.Tensor:
+        """`[B, W]` True at the positions that predict a response token (row-major order is `dest` order)."""
+        mask = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=self.input_ids.device)
+        return mask.index_fill_(0, self.keep_flat, True).view_as(self.input_ids)
+
     def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
         """`[K]` values (in `dest` order) to the `[n, R]` response layout, zero elsewhere; differentiable."""
         n, r = self.shape

@@ -7,6 +7,7 @@ Each pass takes `packing=None` (padded rows, `RolloutBatch` layout) or a `Packin
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -41,11 +42,39 @@ def token_logprobs(model, mb: RolloutBatch, temperature: float, with_entropy: bo
     """Per-token log-probs `[n, R]` of the response under `model` at the sampling temperature (and entropy)."""
     if packing is not None:
         layout = pack_layout(mb, packing)
-        out = model(**layout.model_inputs(packing), logits_to_keep=layout.keep_columns)
-        logits = out.logits[0] if out.logits.shape[0] == 1 else out.logits[layout.keep_rows, layout.keep_ranks]
+        logits = _packed_logits(model, layout, packing)
         logprobs, entropy = _logprobs_and_entropy(logits, layout.targets, temperature, with_entropy)
         return layout.unpack(logprobs), (layout.unpack(entropy) if entropy is not None else None)
     return _logprobs_and_entropy(response_logits(model, mb), mb.responses(), temperature, with_entropy)
+
+
+def _packed_logits(model, layout, packing: Packing) -> torch.Tensor:
+    """Logits `[K, V]` of the positions that predict response tokens, in `layout.dest` order; the LM head runs on
+    those positions only (by a boolean mask over the rows where transformers takes one, else on the columns any
+    row needs, which for several rows also covers prompt positions)."""
+    rows = layout.input_ids.shape[0]
+    if rows > 1 and slices_logits_by_mask():
+        logits = model(**layout.model_inputs(packing), logits_to_keep=layout.keep_mask()).logits
+        if logits.shape[:-1] != layout.targets.shape:
+            raise RuntimeError(f"the model ignored the boolean logits_to_keep: logits {tuple(logits.shape)}")
+        return logits
+    logits = model(**layout.model_inputs(packing), logits_to_keep=layout.keep_columns).logits
+    return logits[0] if rows == 1 else logits[layout.keep_rows, layout.keep_ranks]
+
+
+@functools.cache
+def slices_logits_by_mask() -> bool:
+    """Whether this transformers slices hidden states by a 2D boolean `logits_to_keep` (newer 5.x releases;
+    earlier ones index the sequence dimension with it, which a mask cannot do)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    try:
+        kept = slice_logits_to_keep(torch.zeros(2, 2, 1), torch.tensor([[True, False], [True, True]]))
+    except Exception:
+        return False
+    return tuple(kept.shape) == (3, 1)
 
 
 def _logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
