@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+import transformers
 
 SHAPES = {
     # tinyrl's default tiny model (config.TinyModelConfig) and the default run's batch: 64 prompts x 8 completions
@@ -73,6 +74,20 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args()
+
+
+def unavailable(mode: str, device: torch.device) -> str | None:
+    """Why a mode cannot run here, or None."""
+    import importlib.util
+
+    layout, _, attention = mode.partition(":")
+    if layout not in ("padded", "packed") or attention not in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
+        raise SystemExit(f"--modes: {mode!r} is not padded:<attention> or packed:<attention>")
+    if attention == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        return "needs a CUDA device and the flash-attn package"
+    if attention == "flex_attention" and device.type != "cuda":
+        return "flex_attention has no backward pass on the CPU"
+    return None
 
 
 def matmul_peak_flops(device: torch.device) -> float:
@@ -146,6 +161,10 @@ def main():
     response_lengths = args.response_lengths or shape["response_lengths"]
     clipped = shape["clipped"] if args.clipped is None else args.clipped
     budget = args.micro_batch_tokens or shape["micro_batch_tokens"]
+    skipped = {m: why for m in args.modes if (why := unavailable(m, device))}
+    for mode, why in skipped.items():
+        print(f"skipping {mode}: {why}")
+    modes = [m for m in args.modes if m not in skipped]
     load_before = os.getloadavg()
 
     from tinyrl.models import count_parameters
@@ -173,12 +192,12 @@ def main():
                 fed = sum(pack_layout(batch.select(m), packing).tokens for m in micro)
             return len(micro), fed
 
-        shapes, seconds, memory = {}, {m: [] for m in args.modes}, {}
-        for mode in args.modes:  # warm-up (and flex_attention's compilation), not timed
+        shapes, seconds, memory = {}, {m: [] for m in modes}, {}
+        for mode in modes:  # warm-up (and flex_attention's compilation), not timed
             shapes[mode] = configure(mode)
             trainer._optimizer_step(batch, all_rows, step=1, on_policy=True)
         for repeat in range(args.repeats):
-            order = args.modes if repeat % 2 == 0 else list(reversed(args.modes))
+            order = modes if repeat % 2 == 0 else list(reversed(modes))
             for mode in order:
                 configure(mode)
                 if device.type == "cuda":
@@ -193,7 +212,7 @@ def main():
         trainer.close()
 
     results = []
-    for mode in args.modes:
+    for mode in modes:
         median = statistics.median(seconds[mode])
         micro_batches, fed = shapes[mode]
         results.append({
@@ -206,7 +225,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (
             f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "threads": args.threads, "load_average_before": load_before,
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "shape": args.shape, "parameters": params, "rows": rows,
         "tokens": tokens, "prompt_lengths": list(prompt_lengths), "response_lengths": list(response_lengths),
         "clipped": clipped, "micro_batch_tokens": budget, "gradient_checkpointing": args.gradient_checkpointing,

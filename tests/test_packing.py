@@ -176,6 +176,21 @@ def test_flash_attention_boundaries_match_what_transformers_derives_from_positio
         assert inputs["cu_seq_lens_q"] is layout.cu_seq_lens and inputs["max_length_k"] == layout.max_length
 
 
+@pytest.mark.slow
+def test_flex_attention_keeps_packed_sequences_apart(tiny_model_dir):
+    """flex_attention (the GPU's block-sparse kernel) has no backward pass on the CPU, but its forward runs here,
+    compiled (about a minute): one packed row gives the padded sdpa log-probs."""
+    flex, _ = load_policy(tiny_model_dir, attn_implementation="flex_attention")
+    sdpa, _ = load_policy(tiny_model_dir, attn_implementation="sdpa")
+    batch = _ragged_batch()
+    mask = batch.response_mask > 0
+    cpu = torch.device("cpu")
+    assert packing_for([flex]) == "one_row"
+    packed = batched_logprobs(flex, batch, 10_000, 0.7, cpu, torch.float32, "one_row")
+    padded = batched_logprobs(sdpa, batch, 10_000, 0.7, cpu, torch.float32)
+    torch.testing.assert_close(packed[mask], padded[mask], atol=1e-5, rtol=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lengths=st.lists(st.tuples(st.integers(1, 30), st.integers(0, 40)), min_size=1, max_size=24),

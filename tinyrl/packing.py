@@ -91,7 +91,9 @@ def packed_lengths(batch: RolloutBatch) -> list[int]:
 
 
 def packing_for(models: Sequence) -> str:
-    """The packed layout the models' attention needs: "one_row" (varlen / block-sparse) or "dense" rows.
+    """The packed layout the models' attention kernels need together: "flash" (one row with explicit varlen
+    boundaries, every model on flash-attention), "one_row" (flash-attention and flex_attention mixed, or flex
+    alone) or "dense" (rows no wider than the longest sequence, as soon as one model uses sdpa or eager).
 
     Raises a ValueError naming the attention implementation when packing cannot keep sequences apart with it.
     """
