@@ -33,7 +33,8 @@ from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, to
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import RewardScorer, get_task
+from tinyrl.reward_workers import RewardScorer
+from tinyrl.task import get_task
 
 log = logging.getLogger("tinyrl")
 
