@@ -37,7 +37,7 @@ def evaluate_policy(
     stop = tuple(getattr(task, "stop", ()))
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     completions = call_with_timeout(engine.generate, timeout_s, "evaluation", prompt_ids, greedy)
-    rewards = scorer.score([c.text for c in completions], list(rows))
+    rewards = scorer.score([c.text for c in completions], list(rows), [c.token_ids for c in completions])
     sampled, ks = None, []
     if pass_k > 0:
         sampling = SamplingConfig(
@@ -45,7 +45,9 @@ def evaluate_policy(
             seed=int(np.random.default_rng([seed, step, 99]).integers(0, 2**62)),
         )
         many = call_with_timeout(engine.generate, timeout_s, "evaluation sampling", prompt_ids, sampling)
-        many_rewards = scorer.score([c.text for c in many], [rows[c.prompt_index] for c in many])
+        many_rewards = scorer.score(
+            [c.text for c in many], [rows[c.prompt_index] for c in many], [c.token_ids for c in many]
+        )
         sampled = [many_rewards[i * pass_k : (i + 1) * pass_k] for i in range(len(rows))]
         ks = sorted({1, pass_k} | ({pass_k // 2} if pass_k >= 4 else set()))
     summary = summarize_eval(rewards, sampled, ks, [len(c.token_ids) for c in completions])
