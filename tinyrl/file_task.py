@@ -35,16 +35,17 @@ from tinyrl.task import SPLITS, Reward, get_task, register_task
 __all__ = ["FileTask", "read_split_files", "get_path"]
 
 log = logging.getLogger("tinyrl")
-_MISSING = object()
+_MISSING = object()  # a column that is not there
+_REQUIRED = object()  # get_path without a default
 _ROLES = ("system", "user", "assistant")
 
 
-def get_path(row: Mapping, key: str, default: Any = _MISSING) -> Any:
+def get_path(row: Mapping, key: str, default: Any = _REQUIRED) -> Any:
     """``row[key]``, where a dotted key reads inside nested mappings (``reward_model.ground_truth``)."""
     value: Any = row
     for part in key.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            if default is _MISSING:
+            if default is _REQUIRED:
                 raise KeyError(key)
             return default
         value = value[part]
