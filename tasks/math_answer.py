@@ -33,7 +33,9 @@ __all__ = ["MathAnswer", "extract_final_answer", "unsafe_reason", "REASONS"]
 REASONS = ("correct", "no answer", "empty answer", "answer too long", "unsafe expression", "unparsable", "wrong answer")
 
 _BOXED = ("\\boxed", "\\fbox")
-_BIG_OPERATORS = re.compile(r"\\(sum|prod|int|iint|oint|lim|binom|dbinom|tbinom|choose|coprod|bigcup|bigcap)(?![a-zA-Z])")
+_BIG_OPERATORS = re.compile(
+    r"\\(sum|prod|int|iint|oint|lim|binom|dbinom|tbinom|choose|coprod|bigcup|bigcap)(?![a-zA-Z])"
+)
 _POWER = re.compile(r"\^|\*\*")
 _EXPONENT_TOKEN = re.compile(r"[-+]?\s*(\\[a-zA-Z]+|[0-9.]+|[a-zA-Z])")
 _COMMAND = re.compile(r"\\[a-zA-Z]+(\{[^{}]*\})?")  # \frac, \pi, \text{...}: not variables

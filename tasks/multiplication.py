@@ -67,7 +67,8 @@ def check_product(answer: str, product: int, max_chars: int) -> str:
             return "decimal point"
         if any(ch.isdigit() and not ch.isascii() for ch in text):
             return "non-ASCII digit"
-        if any(ch in _SEPARATORS for ch in text) and _DIGITS.fullmatch("".join(c for c in text if c not in _SEPARATORS)):
+        unseparated = "".join(c for c in text if c not in _SEPARATORS)
+        if unseparated != text and _DIGITS.fullmatch(unseparated):
             return "digit separator"
         return "disallowed character"
     if len(text) > 1 and text[0] == "0":
@@ -156,7 +157,8 @@ class Multiplication:
     # -- problems -----------------------------------------------------------------------------------------------
 
     def _ranges(self) -> tuple[range, range]:
-        return (range(10 ** (self.a_digits - 1), 10**self.a_digits), range(10 ** (self.b_digits - 1), 10**self.b_digits))
+        a, b = self.a_digits, self.b_digits
+        return range(10 ** (a - 1), 10**a), range(10 ** (b - 1), 10**b)
 
     def dataset(self, split: str, size: int, seed: int) -> list[dict]:
         """``size`` distinct problems of ``split``, deterministic for ``seed``; a size-n list is a prefix of n+1.
@@ -257,7 +259,8 @@ class Multiplication:
         correct = reason == "correct"
         score = self.correct_score if correct else self.format_score
         parts = {"correct": score if correct else 0.0, "format": 0.0 if correct else score}
-        return Reward(score, correct, True, {"reason": reason, "answer": answer[: self.max_answer_chars].strip()}, parts)
+        info = {"reason": reason, "answer": answer[: self.max_answer_chars].strip()}
+        return Reward(score, correct, True, info, parts)
 
     # -- teacher ------------------------------------------------------------------------------------------------
 

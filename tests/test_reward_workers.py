@@ -148,3 +148,17 @@ def test_limit_arguments_are_checked():
         RewardScorer(RunawayTask(), workers=0, memory_mb=-1)
     with pytest.raises(ValueError, match="cpu_s"):
         RewardScorer(RunawayTask(), workers=0, cpu_s=float("inf"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("task.reward_error_limit=0", "task.reward_error_limit"), ("task.reward_error_limit=1.5", "task.reward_error_limit"),
+     ("task.reward_cpu_s=-1", "task.reward_cpu_s"), ("task.reward_memory_mb=-5", "task.reward_memory_mb")],
+)
+def test_bad_limit_settings_are_named_before_anything_loads(override, key):
+    from tinyrl.compose import load_config
+    from tinyrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{key}: must be"):
+        load_config([override])
+    assert load_config(["task.reward_error_limit=null"]).task.reward_error_limit is None

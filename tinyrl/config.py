@@ -56,7 +56,7 @@ class TaskConfig:
     reward_timeout_s: float = 5.0  # wall-clock seconds one reward may take
     reward_cpu_s: float = 10.0  # CPU seconds one reward may use (RLIMIT_CPU, Linux); 0: no limit
     reward_memory_mb: int = 4096  # memory a reward worker may allocate beyond what it holds once loaded; 0: no limit
-    reward_error_limit: Optional[float] = 1.0  # stop the run when at least this share of a step's rewards fail; null: never
+    reward_error_limit: Optional[float] = 1.0  # stop when this share of one step's rewards fail; null: never
 
 
 @dataclass

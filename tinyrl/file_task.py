@@ -235,7 +235,8 @@ class FileTask:
         order = list(range(len(rows)))
         random.Random(f"file|{split}|{seed}").shuffle(order)
         if size > len(rows):
-            log.warning("file task: asked for %d %s problems, the files hold %d; using all of them", size, split, len(rows))
+            log.warning("file task: asked for %d %s problems, the files hold %d; using all of them",
+                        size, split, len(rows))
         return [rows[i][2] for i in order[:size]]
 
     # -- prompts ------------------------------------------------------------------------------------------------

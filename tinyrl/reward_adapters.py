@@ -149,7 +149,9 @@ class TRLRewards:
                 **columns, trainer_state=None, log_extra=log_extra, log_metric=log_metric,
             )
             if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence) or len(out) != 1:
-                raise TypeError(f"reward function {name!r} returned {out!r}; expected a list with one value per completion")
+                raise TypeError(
+                    f"reward function {name!r} returned {out!r}; expected a list with one value per completion"
+                )
             if out[0] is None:
                 continue
             value = _number(out[0], f"reward function {name!r}")

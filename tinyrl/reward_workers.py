@@ -417,7 +417,9 @@ class RewardScorer:
             if not isinstance(c, str):
                 raise TypeError(f"RewardScorer.score: completions[{i}] is {type(c).__name__}, not str")
         if completion_ids is not None and len(completion_ids) != len(completions):
-            raise ValueError(f"RewardScorer.score: {len(completion_ids)} completion_ids for {len(completions)} completions")
+            raise ValueError(
+                f"RewardScorer.score: {len(completion_ids)} completion_ids for {len(completions)} completions"
+            )
         ids: list = [None] * len(completions)
         if self.takes_token_ids and completion_ids is not None:
             ids = [list(map(int, t)) for t in completion_ids]

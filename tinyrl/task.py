@@ -287,7 +287,8 @@ def _resolve_factory(name: str) -> Callable[..., Any]:
         try:
             factory = plugin.load()
         except Exception as exc:
-            raise ValueError(f"plugin task {name!r} ({plugin.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+            problem = f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"plugin task {name!r} ({plugin.value}) failed to load: {problem}") from exc
         return _REGISTRY.get(name) or register_task(name, factory)
     return load_object(name, "task spec")
 

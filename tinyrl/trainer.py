@@ -254,7 +254,8 @@ class RLTrainer:
                 if a.dynamic_sampling and max(shaped) - min(shaped) < 1e-9:
                     continue
                 groups.append((index, members, shaped))
-        self.reward_errors.check([r for _, _, r in scored], cfg.task.reward_error_limit, step, "task.reward_error_limit")
+        limit = cfg.task.reward_error_limit
+        self.reward_errors.check([r for _, _, r in scored], limit, step, "task.reward_error_limit")
         return groups[: cfg.trainer.prompts_per_step], scored
 
     def _generate(self, prompts, seed: int):
