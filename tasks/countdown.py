@@ -564,7 +564,10 @@ _EXAMPLE_ANSWER = "(6 + 4) * 2 - 1"
 @register_task("countdown")
 @dataclass(frozen=True)
 class Countdown:
-    """The Countdown task. Rows: ``{"numbers": [int, ...], "target": int}``."""
+    """Countdown: combine the given numbers with + - * / into an expression equal to the target.
+
+    Rows: ``{"numbers": [int, ...], "target": int}``.
+    """
 
     name: ClassVar[str] = "countdown"
     stop: ClassVar[tuple[str, ...]] = (_CLOSE,)
