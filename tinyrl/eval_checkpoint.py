@@ -75,7 +75,9 @@ def evaluate_checkpoint(cfg) -> dict:
     model, tokenizer = load_policy(cfg.checkpoint, device=device)
     prompt_ids = encode_prompts(task, rows, tokenizer, cfg.template, int(cfg.max_prompt_tokens), cfg.split)
     engine = make_engine("hf", model, tokenizer, batch_size=int(cfg.batch_size))
-    with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=float(cfg.task.get("reward_timeout_s", 5.0))) as scorer:
+    limits = {"cpu_s": float(cfg.task.get("reward_cpu_s", 10.0)), "memory_mb": int(cfg.task.get("reward_memory_mb", 4096))}
+    timeout = float(cfg.task.get("reward_timeout_s", 5.0))
+    with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=timeout, **limits) as scorer:
         summary = evaluate_policy(
             engine, scorer, task, tokenizer, rows, prompt_ids, max_new_tokens=int(cfg.max_response_tokens),
             pass_k=int(cfg.pass_k), temperature=float(cfg.temperature), seed=int(cfg.seed), run_dir=cfg.out, step=0,

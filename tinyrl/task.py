@@ -14,7 +14,8 @@ A task is one small object that makes seeded problem sets, renders prompts, and 
 Optional members and their defaults: ``name`` (the registered name, else the class name in snake case),
 ``stop`` (``()``), ``chat_prefix`` (``""``), ``messages(row)`` (one user message holding ``prompt(row)``),
 ``prompt(row)`` (the messages' contents joined by blank lines), ``demonstration(row)`` (a teacher completion for
-the supervised warm start). ``reward`` may also take a ``completion_ids`` keyword (the completion's token ids).
+the supervised warm start), ``prepare_worker()`` (called once in each reward worker before it scores, to load what
+scoring needs). ``reward`` may also take a ``completion_ids`` keyword (the completion's token ids).
 
 ``get_task`` builds a task from a registered name, an installed plugin (entry-point group ``tinyrl.tasks``),
 ``"pkg.module:MyTask"`` or ``"path/to/file.py:MyTask"``.
