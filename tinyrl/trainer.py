@@ -206,7 +206,7 @@ class RLTrainer:
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
-                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask))
+                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask > 0))
             batch.advantages, batch.returns = algorithms.compute_advantages(
                 a.advantage,
                 rewards,
