@@ -216,7 +216,8 @@ def main():
         median = statistics.median(seconds[mode])
         micro_batches, fed = shapes[mode]
         results.append({
-            "mode": mode, "seconds_median": median, "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]),
+            "mode": mode, "seconds_median": median,
+            "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]),
             "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
             "micro_batches": micro_batches, "fed_tokens": fed, "padding_share": 1 - tokens / fed,
             "peak_gib": memory.get(mode),
@@ -225,7 +226,8 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (
             f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads, "load_average_before": load_before,
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+        "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "shape": args.shape, "parameters": params, "rows": rows,
         "tokens": tokens, "prompt_lengths": list(prompt_lengths), "response_lengths": list(response_lengths),
         "clipped": clipped, "micro_batch_tokens": budget, "gradient_checkpointing": args.gradient_checkpointing,

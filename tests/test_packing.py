@@ -131,7 +131,8 @@ def test_padded_and_packed_losses_and_gradients_agree(models, agg, logit_selecti
             packed = _accumulated_loss_and_grads(policy, critic, batch, budget, layout, agg)
             assert packed[0] == pytest.approx(padded[0], abs=1e-5) and packed[1] == pytest.approx(padded[1], abs=1e-5)
             for name, grad in padded[2].items():
-                torch.testing.assert_close(packed[2][name], grad, atol=1e-5, rtol=1e-5, msg=f"{name}, {budget}, {layout}")
+                where = f"{name}, {budget}, {layout}"
+                torch.testing.assert_close(packed[2][name], grad, atol=1e-5, rtol=1e-5, msg=where)
 
 
 def test_packed_micro_batches_are_real_tokens_only(tiny_model_dir):

@@ -334,7 +334,8 @@ def _validate_packing(cfg: TrainConfig) -> None:
         f"must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}",
     )
     name, key = cfg.model.attn_implementation, "model.attn_implementation"
-    _check(name in ATTENTION_IMPLEMENTATIONS, key, f"must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {name!r}")
+    choices = ", ".join(ATTENTION_IMPLEMENTATIONS)
+    _check(name in ATTENTION_IMPLEMENTATIONS, key, f"must be one of {choices}, got {name!r}")
     device = resolve_device(cfg.device)
     if name in FLASH_ATTENTION_PACKAGES:
         _check(device.type == "cuda", key, f"{name} runs on CUDA GPUs only, and device resolves to {device}")
