@@ -16,8 +16,8 @@ uniformly in `--prompt-lengths`, response lengths uniformly in `--response-lengt
 `--clipped` of the responses to the maximum length (completions cut at `max_response_tokens`), as RL batches are.
 
 Tokens/s counts real tokens (prompt + response of every row), never padding. MFU = 6 x parameters x tokens/s over
-the peak: the matmul throughput measured here at the start (float32 on CPU, bf16 on GPU) unless `--peak-tflops`
-gives one (e.g. 989 for an H100 SXM's dense bf16). Gradient checkpointing's recomputation is not counted.
+the peak: the best matmul throughput measured here before every repeat (float32 on CPU, bf16 on GPU; on a
+shared machine it moves with the load) unless `--peak-tflops` gives one (e.g. 989 for an H100 SXM's dense bf16). Gradient checkpointing's recomputation is not counted.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main():
         batch = ragged_batch(rows, prompt_lengths, response_lengths, clipped, shape["model"]["vocab_size"], args.seed)
         all_rows = list(range(batch.size))
         tokens = int(batch.attention_mask.sum())
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops(device)
+        peaks = [] if args.peak_tflops else [matmul_peak_flops(device)]
 
         def configure(mode: str):
             layout, attention = mode.split(":")
@@ -197,6 +197,8 @@ def main():
             shapes[mode] = configure(mode)
             trainer._optimizer_step(batch, all_rows, step=1, on_policy=True)
         for repeat in range(args.repeats):
+            if not args.peak_tflops:  # on a shared machine the peak moves with the load: measure it throughout
+                peaks.append(matmul_peak_flops(device))
             order = modes if repeat % 2 == 0 else list(reversed(modes))
             for mode in order:
                 configure(mode)
@@ -211,14 +213,17 @@ def main():
                     memory[mode] = torch.cuda.max_memory_allocated(device) / 2**30
         trainer.close()
 
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peaks)
     results = []
     for mode in modes:
         median = statistics.median(seconds[mode])
+        # each repeat's time over the first mode's in the same repeat: robust to the machine's drift
+        paired = statistics.median(t / t0 for t, t0 in zip(seconds[mode], seconds[modes[0]]))
         micro_batches, fed = shapes[mode]
         results.append({
             "mode": mode, "seconds_median": median,
             "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]),
-            "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
+            "time_vs_first_mode": paired, "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
             "micro_batches": micro_batches, "fed_tokens": fed, "padding_share": 1 - tokens / fed,
             "peak_gib": memory.get(mode),
         })
@@ -234,13 +239,14 @@ def main():
         "peak_tflops": peak / 1e12, "peak_measured": not args.peak_tflops, "repeats": args.repeats,
     }
     print(json.dumps(header))
-    print("| mode | micro-batches | tokens fed (padding share) | seconds (median, min-max) | tokens/s | MFU |"
-          + (" peak GiB |" if memory else ""))
-    print("| --- | --- | --- | --- | --- | --- |" + (" --- |" if memory else ""))
+    print(f"| mode | micro-batches | tokens fed (padding share) | seconds (median, min-max) | time / {modes[0]} "
+          "(paired median) | tokens/s | MFU |" + (" peak GiB |" if memory else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if memory else ""))
     for r in results:
         print(f"| {r['mode']} | {r['micro_batches']} | {r['fed_tokens']:,} ({r['padding_share']:.0%}) | "
-              f"{r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | {r['tokens_per_s']:,.0f} | "
-              f"{r['mfu']:.1%} |" + (f" {r['peak_gib']:.1f} |" if memory else ""))
+              f"{r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
+              f"{r['time_vs_first_mode']:.3f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} |"
+              + (f" {r['peak_gib']:.1f} |" if memory else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "results": results}, f, indent=2)
