@@ -223,7 +223,7 @@ def main():
         results.append({
             "mode": mode, "seconds_median": median,
             "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]),
-            "time_vs_first_mode": paired, "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
+            "seconds": seconds[mode], "time_vs_first_mode": paired, "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
             "micro_batches": micro_batches, "fed_tokens": fed, "padding_share": 1 - tokens / fed,
             "peak_gib": memory.get(mode),
         })
