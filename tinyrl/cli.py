@@ -109,5 +109,12 @@ def plot_main(argv: list[str] | None = None) -> None:
     print(plot_run(args.run_dir, args.out))
 
 
+def plan_main(argv: list[str] | None = None) -> None:
+    """`tinyrl-plan [--world-size N] [--gpu-gb G] [overrides...]`: per-GPU memory of a config, and whether it fits."""
+    from tinyrl.plan import plan_main as main
+
+    main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(train_main())

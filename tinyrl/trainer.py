@@ -488,11 +488,11 @@ class RLTrainer:
         grad_norm = self._clip_gradients(self.policy)
         loss_total = world.sum(loss_total)
         if self.guard.check(step, loss_total, grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
             totals["optim/skipped"] = 1.0
         else:
             self.optimizer.step()
             self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the critic's and the next rollout
         totals["optim/grad_norm"] = grad_norm
         if self.critic is not None:
             totals.update(self._critic_step(batch, micro, passes, normalizer))
@@ -520,6 +520,7 @@ class RLTrainer:
         total = world.sum(total)
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
         self.critic.eval()
         return {"losses/value": total, "optim/critic_grad_norm": grad_norm}
 
