@@ -73,6 +73,7 @@ class World:
         self.mesh = mesh  # the 1-D device mesh FSDP shards over
         self.timeout_s = timeout_s
         self._store = store  # where each rank posts the phase it is in, for failure reports
+        self._phase = "startup"  # the phase this rank last entered
 
     @property
     def is_main(self) -> bool:
@@ -279,13 +280,16 @@ class World:
         for _, opt in optimizers.values():
             _materialise_state(opt)
         state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in optimizers.items()}
-        dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.sharded)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.sharded)
         for name, (model, opt) in optimizers.items():
             set_optimizer_state_dict(model, opt, state[name])
 
     # ------------------------------------------------------------------ failures
     def mark(self, step: int, phase: str) -> None:
         """Post the phase this rank is entering, so a failure report elsewhere can say where it stopped."""
+        self._phase = f"step {step}, phase {phase}"
         if self._store is not None:
             try:
                 self._store.set(f"phase/{self.rank}", f"step {step}, phase {phase}")
@@ -306,9 +310,10 @@ class World:
 
     def explain(self, err: BaseException) -> DistributedError:
         """`err`, restated with this rank and where the other ranks were."""
-        others = "; ".join(f"rank {r} last reached {where}" for r, where in self.last_phases().items())
+        others = "; ".join(f"rank {r}'s last phase: {where}" for r, where in self.last_phases().items())
         return DistributedError(
-            f"rank {self.rank} of {self.size} stopped: {type(err).__name__}: {err}. Other ranks: {others}. A rank "
+            f"rank {self.rank} of {self.size} failed (its last phase: {self._phase}): {type(err).__name__}: {err}. "
+            f"Other ranks: {others}. A rank "
             f"that exits, crashes or waits more than distributed.timeout_s={self.timeout_s:g} s at a collective "
             f"stops the others; the first error in the ranks' output is the cause."
         )

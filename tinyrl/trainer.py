@@ -140,6 +140,7 @@ class RLTrainer:
         task=None,
         train_rows: list[dict] | None = None,
         eval_rows: list[dict] | None = None,
+        world: World | None = None,
     ) -> "RLTrainer":
         """Build the trainer a config describes: task and splits, policy (unless given), reference, critic.
 
@@ -148,7 +149,7 @@ class RLTrainer:
         from tinyrl.models import load_critic, load_policy
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
-        world = init_world(cfg.device, cfg.distributed.timeout_s)
+        world = world or init_world(cfg.device, cfg.distributed.timeout_s)
         device = world.load_device
         # The frozen reference is stored in the compute dtype (half the memory of float32 on GPU).
         reference_dtype = resolve_dtype(cfg.model.dtype, world.device)
