@@ -8,9 +8,10 @@ world_size, gpu_gb)` returns it. The figures follow how tinyrl trains (tinyrl/di
   ceil(dim0 / world_size) rows; the frozen reference in the compute dtype. `distributed.cpu_offload` moves
   all of it to CPU memory.
 - Transient, one phase at a time (estimates):
-  generation (transformers engine): the gathered policy in the compute dtype, the KV cache of
-  `rollout.batch_size` sequences, and the prompt's logits (the engine computes them for every prompt
-  position); a colocated vLLM engine instead holds `rollout.gpu_memory_utilization` of the GPU throughout;
+  generation (transformers engine): the gathered policy in the compute dtype plus the larger of the prompt
+  pass (the prompts' KV cache, logits at every prompt position, one layer's MLP intermediates) and decoding
+  (the KV cache of `rollout.batch_size` full-length sequences); a colocated vLLM engine instead holds
+  `rollout.gpu_memory_utilization` of the GPU throughout;
   no-gradient passes: one gathered model plus one micro-batch's logits;
   update: gradients, the activations of one micro-batch of `trainer.micro_batch_tokens` tokens, and FSDP's
   gathered root and two layers.
@@ -222,16 +223,20 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     if r.engine == "vllm":
         components["vLLM engine (weights + KV cache, colocated)"] = int(r.gpu_memory_utilization * gpu_gb * GIB)
     else:
-        batch = min(r.batch_size, t.prompts_per_step * r.n)
+        batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences
+        kv_token = shape.kv_bytes_per_token(sampling)
+        # The prompt's forward pass: its KV cache, logits at every prompt position (the engine keeps them until
+        # the first decode step) and one layer's MLP intermediates. Then decoding grows the cache to full length
+        # by concatenation (one layer's cache exists twice), with float32 logits of one step.
+        prefill = batch * r.max_prompt_tokens * (kv_token + shape.vocab_size * sampling + 3 * shape.intermediate_size * sampling)
+        decode = batch * row * kv_token * (shape.num_layers + 1) // shape.num_layers + batch * shape.vocab_size * 4
         sampling_parts = {
             "gathered policy for sampling (compute dtype)": sampling * full_policy if sharded else 0,
-            # the cache grows by concatenation, so one layer's cache exists twice; float32 logits of a step
-            "KV cache (transformers engine)": batch * row * shape.kv_bytes_per_token(sampling) * (shape.num_layers + 1)
-            // shape.num_layers + batch * shape.vocab_size * 4,
-            "prompt logits (transformers engine)": batch * r.max_prompt_tokens * shape.vocab_size * sampling,
+            "sampling: prompt pass (KV cache, prompt logits)": prefill,
+            "sampling: decoding (full KV cache)": decode,
         }
         components.update(sampling_parts)
-        generation = sum(sampling_parts.values())
+        generation = sampling_parts["gathered policy for sampling (compute dtype)"] + max(prefill, decode)
     passes = (compute * max(full_policy, shape.parameters("value")) if sharded else 0) + logits_bytes(
         shape, rows, r.max_response_tokens, compute, with_gradient=False
     )
