@@ -278,8 +278,8 @@ def main(out_path: str, model_dir: str, work: str) -> None:
         plan = memory_plan(cfg, world_size=2, gpu_gb=1.0, device="cpu").components
         trainer.close()
         return {"measured": [params, grads, moments],
-                "plan": [plan["policy weights (float32, sharded)"], plan["policy gradients (float32, sharded)"],
-                         plan["policy AdamW moments (float32, sharded)"]]}
+                "plan": [plan["policy weights (float32)"], plan["policy gradients (float32)"],
+                         plan["policy AdamW moments (float32)"]]}
 
     @check("rank_exits_early")
     def _():

@@ -88,9 +88,9 @@ def test_plan_matches_an_updates_state_exactly_and_bounds_its_peak(plan_model, t
     plan = memory_plan(cfg, world_size=1, gpu_gb=1.0, device="cpu")
     weights = sum(p.numel() * p.element_size() for p in trainer.policy.parameters())
     moments = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values())
-    assert plan.components["policy weights (float32, sharded)"] == weights
-    assert plan.components["policy gradients (float32, sharded)"] == grads["bytes"]
-    assert plan.components["policy AdamW moments (float32, sharded)"] == moments
+    assert plan.components["policy weights (float32)"] == weights
+    assert plan.components["policy gradients (float32)"] == grads["bytes"]
+    assert plan.components["policy AdamW moments (float32)"] == moments
     assert 0.75 * plan.phases["update"] <= measured <= plan.phases["update"], (measured, plan.phases["update"])
 
 
@@ -107,8 +107,8 @@ def test_plan_estimates_the_sampling_peak(plan_model, tmp_path):
     finally:
         trainer.close()
     plan = memory_plan(cfg, world_size=1, gpu_gb=1.0, device="cpu")
-    weights = plan.components["policy weights (float32, sharded)"]
-    sampling = plan.phases["generation"] - weights - plan.components["policy AdamW moments (float32, sharded)"]
+    weights = plan.components["policy weights (float32)"]
+    sampling = plan.phases["generation"] - weights - plan.components["policy AdamW moments (float32)"]
     assert 0.75 * sampling <= measured - weights <= 1.25 * sampling, (measured - weights, sampling)
 
 
@@ -134,7 +134,7 @@ def test_tinyrl_plan_prints_the_table_and_the_verdict():
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "| critic AdamW moments (float32, sharded) | 11.50 |" in done.stdout
+    assert "| critic AdamW moments (float32) | 11.50 |" in done.stdout
     assert "fits: peak" in done.stdout and "per GPU" in done.stdout
 
 

@@ -162,7 +162,7 @@ class MemoryPlan:
         return self.peak <= (1 - HEADROOM) * self.gpu_bytes
 
     def table(self) -> str:
-        lines = [f"| per GPU, {self.world_size} rank(s) | GiB |", "| --- | ---: |"]
+        lines = [f"| per GPU, state sharded over {self.world_size} rank(s) | GiB |", "| --- | ---: |"]
         lines += [f"| {name} | {value / GIB:.2f} |" for name, value in self.components.items()]
         lines += [f"| **peak: {name}** | **{value / GIB:.2f}** |" if name == self.peak_phase else
                   f"| peak: {name} | {value / GIB:.2f} |" for name, value in self.phases.items()]
@@ -196,19 +196,19 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     policy_shapes = shape.parameter_shapes("lm")
     n_policy = sharded_elements(policy_shapes, world_size)
     components: dict[str, int] = {
-        "policy weights (float32, sharded)": 4 * n_policy,
-        "policy gradients (float32, sharded)": 4 * n_policy,
-        "policy AdamW moments (float32, sharded)": 8 * n_policy + 4 * len(policy_shapes),
+        "policy weights (float32)": 4 * n_policy,
+        "policy gradients (float32)": 4 * n_policy,
+        "policy AdamW moments (float32)": 8 * n_policy + 4 * len(policy_shapes),
     }
     if uses_reference(cfg.algorithm):
-        components["reference weights (compute dtype, sharded)"] = compute * n_policy
+        components["reference weights (compute dtype)"] = compute * n_policy
     n_critic = 0
     if uses_critic(cfg.algorithm):
         critic_shapes = shape.parameter_shapes("value")
         n_critic = sharded_elements(critic_shapes, world_size)
-        components["critic weights (float32, sharded)"] = 4 * n_critic
-        components["critic gradients (float32, sharded)"] = 4 * n_critic
-        components["critic AdamW moments (float32, sharded)"] = 8 * n_critic + 4 * len(critic_shapes)
+        components["critic weights (float32)"] = 4 * n_critic
+        components["critic gradients (float32)"] = 4 * n_critic
+        components["critic AdamW moments (float32)"] = 8 * n_critic + 4 * len(critic_shapes)
     state_keys = list(components)
     cpu_bytes = 0
     if cfg.distributed.cpu_offload:
@@ -252,7 +252,7 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
         components["FSDP gathered root + 2 layers, unsharded layer gradients"] = fsdp_transient
 
     # Gradients exist only during an update, and the policy's are freed before the critic's are made.
-    gradient_keys = ("policy gradients (float32, sharded)", "critic gradients (float32, sharded)")
+    gradient_keys = ("policy gradients (float32)", "critic gradients (float32)")
     offloaded = cfg.distributed.cpu_offload
     resident = 0 if offloaded else sum(components[k] for k in state_keys if k not in gradient_keys)
     resident += components.get("vLLM engine (weights + KV cache, colocated)", 0)
