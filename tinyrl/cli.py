@@ -1,4 +1,4 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`,
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`,
 `tinyrl-plan`.
 
 The first four are Hydra apps over the config tree shipped in `tinyrl.conf`, so they work from any directory,
@@ -42,8 +42,13 @@ def _print_summary(summary: dict) -> None:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
+    from tinyrl.reward_report import RewardsFailed
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except RewardsFailed as failure:  # the errors themselves were printed as they happened
+        print(f"tinyrl-train: {failure}", file=sys.stderr)
+        sys.exit(1)
     _print_summary(summary)
     return float(summary.get("accuracy_after_rl", 0.0))
 
@@ -107,6 +112,26 @@ def plot_main(argv: list[str] | None = None) -> None:
     from tinyrl.plots import plot_run
 
     print(plot_run(args.run_dir, args.out))
+
+
+def tasks_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tinyrl-tasks",
+        description="List the tasks that task.name= accepts by name: built-in ones and installed plugins "
+        "(entry-point group tinyrl.tasks), with their constructor arguments (task.kwargs).",
+    )
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    args = parser.parse_args(argv)
+    from tinyrl.task import task_catalog
+
+    catalog = task_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=2))
+        return
+    width = max(len(entry["name"]) for entry in catalog)
+    for entry in catalog:
+        print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
+        print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
 
 
 def plan_main(argv: list[str] | None = None) -> None:

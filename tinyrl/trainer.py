@@ -32,7 +32,9 @@ from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
 from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import RewardScorer, get_task
+from tinyrl.reward_report import RewardErrorLog, component_metrics
+from tinyrl.reward_workers import RewardScorer
+from tinyrl.task import complete_task, get_task
 
 log = logging.getLogger("tinyrl")
 
@@ -102,6 +104,7 @@ class RLTrainer:
         self.policy = self.world.shard(policy, **shard_options)
         self.reference = self.world.shard(reference, **shard_options)
         self.critic = self.world.shard(critic, **shard_options)
+        task = complete_task(task)
         self.tokenizer, self.task = tokenizer, task
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         template, max_prompt = cfg.model.template, cfg.rollout.max_prompt_tokens
@@ -125,7 +128,12 @@ class RLTrainer:
             MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
             if self.world.is_main else NullWriter()
         )
-        self.scorer = RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s)
+        errors_file = "reward_errors.jsonl" if self.world.is_main else f"reward_errors.rank{self.world.rank}.jsonl"
+        self.reward_errors = RewardErrorLog(self.run_dir / errors_file)  # every rank keeps its own failures
+        self.scorer = RewardScorer(
+            task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s, cpu_s=cfg.task.reward_cpu_s,
+            memory_mb=cfg.task.reward_memory_mb, on_errors=self.reward_errors,
+        )
 
     @classmethod
     def from_config(
@@ -190,7 +198,10 @@ class RLTrainer:
         # 1-4. sample prompts, generate n completions each, score them (DAPO dynamic sampling may add rounds)
         groups, scored = self._collect_groups(step)
         num_groups = int(self.world.sum(len(groups)))  # on every rank together
-        self._rollout_metrics(scored, metrics)
+        outcomes = self._outcomes(scored)
+        limit = cfg.task.reward_error_limit
+        self.reward_errors.check([r for r, _, _ in outcomes], limit, step, "task.reward_error_limit")
+        self._rollout_metrics(outcomes, metrics)
         if cfg.trainer.samples_every and step % cfg.trainer.samples_every == 0:
             self._write_samples(step, scored)
         if num_groups == 0:
@@ -239,8 +250,9 @@ class RLTrainer:
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
-                tokens = self.world.sum(float(batch.response_mask.sum()))
-                metrics["policy/kl_in_reward"] = self.world.sum(float((kl * batch.response_mask).sum())) / max(tokens, 1.0)
+                mask = batch.response_mask > 0
+                tokens = self.world.sum(float(mask.sum()))
+                metrics["policy/kl_in_reward"] = self.world.sum(float(kl[mask].sum())) / max(tokens, 1.0)
             batch.advantages, batch.returns = self._advantages(rewards, batch)
 
         # 8. update
@@ -269,6 +281,7 @@ class RLTrainer:
         found: list[tuple[int, list, list[float]]] = []
         kept_per_round: list[int] = []
         scored = []
+        self.reward_errors.where = f"step {step}"
         with self.world.gathered(*self._sampling_models()):
             for round_ in range(rounds):
                 need = target - len(found)
@@ -284,7 +297,9 @@ class RLTrainer:
                         completions = self._generate(prompts, step_seed(cfg.seed, step, round_), offset)
                     with self.timer.phase("score", step):
                         rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
-                        rewards = self.scorer.score([c.text for c in completions], rows)
+                        rewards = self.scorer.score(
+                            [c.text for c in completions], rows, [c.token_ids for c in completions]
+                        )
                     n = cfg.rollout.n
                     for g, index in enumerate(indices):
                         members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
@@ -567,23 +582,25 @@ class RLTrainer:
         return float(a.loss_agg_normalizer or self.cfg.rollout.max_response_tokens)
 
     # ------------------------------------------------------------------ metrics and samples
-    def _rollout_metrics(self, scored, metrics: dict) -> None:
-        """Reward and length figures over every rank's completions of this step."""
-        sums = {
-            "reward/mean": sum(float(r.score) for _, _, r in scored),
-            "reward/accuracy": sum(bool(r.correct) for _, _, r in scored),
-            "reward/format_rate": sum(bool(r.formatted) for _, _, r in scored),
-            "reward/formatted_but_wrong": sum(bool(r.formatted and not r.correct) for _, _, r in scored),
-            "response/length_mean": sum(len(c.token_ids) for _, c, _ in scored),
-            "response/clip_rate": sum(c.finish_reason == "length" for _, c, _ in scored),
-        }
-        counts = {"reward/errors": sum("error" in r.info for _, _, r in scored), "train/completions": len(scored)}
-        longest = {"response/length_max": max((len(c.token_ids) for _, c, _ in scored), default=0)}
-        total = self._across_ranks({**sums, **counts}, longest)
-        for key in sums:
-            metrics[key] = float(total[key]) / total["train/completions"]
-        for key in (*counts, *longest):
-            metrics[key] = float(total[key])
+    def _outcomes(self, scored) -> list[tuple]:
+        """(reward, response length, finish reason) of every rank's completions of this step, rank by rank."""
+        mine = [(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored]
+        return [outcome for part in self.world.all_gather(mine) for outcome in part]
+
+    def _rollout_metrics(self, outcomes, metrics: dict) -> None:
+        """Reward and length figures over every rank's completions of this step (`outcomes`)."""
+        rewards = [r for r, _, _ in outcomes]
+        lengths = [length for _, length, _ in outcomes]
+        metrics["reward/mean"] = float(np.mean([r.score for r in rewards]))
+        metrics["reward/accuracy"] = float(np.mean([r.correct for r in rewards]))
+        metrics["reward/format_rate"] = float(np.mean([r.formatted for r in rewards]))
+        metrics["reward/formatted_but_wrong"] = float(np.mean([r.formatted and not r.correct for r in rewards]))
+        metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+        metrics.update(component_metrics(rewards, reserved=metrics))
+        metrics["response/length_mean"] = float(np.mean(lengths))
+        metrics["response/length_max"] = float(np.max(lengths))
+        metrics["response/clip_rate"] = float(np.mean([finish == "length" for _, _, finish in outcomes]))
+        metrics["train/completions"] = float(len(outcomes))
 
     def _write_samples(self, step: int, scored) -> None:
         """Example completions of this step, with reward-hacking signals computed over all of them."""
@@ -603,6 +620,7 @@ class RLTrainer:
         Each rank evaluates a contiguous share of the problems; the summary covers them all.
         """
         cfg = self.cfg
+        self.reward_errors.where = f"evaluation at step {step}"
         share = self.world.share(len(self.eval_rows))
         with self.world.gathered(*self._sampling_models()):
             part = sample_eval(
