@@ -155,7 +155,11 @@ def test_a_rank_that_exits_early_stops_the_other_fast_naming_rank_and_phase(chec
 @pytest.fixture(scope="module")
 def grpo_runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    extra = ("algorithm=grpo", "algorithm.kl_coef=0.001")
+    # The default experiment's path: rank 0 builds the tiny model and distils it while the other rank waits.
+    extra = ("algorithm=grpo", "algorithm.kl_coef=0.001", "model.path=null", "model.tiny.vocab_size=320",
+             "model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+             "model.tiny.intermediate_size=128", "sft.enabled=true", "sft.steps=4", "sft.num_traces=16",
+             "sft.batch_size=4")
     train(load_config(_overrides(tiny_model_dir, root / "one", *extra)))
     (root / "cwd").mkdir()
     _two_ranks(tiny_model_dir, root / "two", *extra, cwd=root / "cwd")
@@ -164,6 +168,10 @@ def grpo_runs(tiny_model_dir, tmp_path_factory):
 
 def test_two_rank_grpo_run_equals_the_one_process_run(grpo_runs):
     root, _ = grpo_runs
+    for name in ("base_model/model.safetensors", "sft_model/model.safetensors"):  # made once, by rank 0
+        assert load_file(str(root / "two" / name)).keys() == load_file(str(root / "one" / name)).keys()
+        _assert_weights_close(load_file(str(root / "two" / name)), load_file(str(root / "one" / name)), atol=0.0)
+    assert (root / "two" / "sft_summary.json").exists()
     _assert_rows_close(_rows(root / "two"), _rows(root / "one"))
     _assert_weights_close(_weights(root / "two"), _weights(root / "one"), atol=5e-5)
     assert list((root / "cwd").iterdir()) == []  # rank 1 wrote nothing of its own (no Hydra directory or log)
