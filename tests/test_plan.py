@@ -9,19 +9,17 @@ is bf16 and the same terms apply at 2 bytes; only a GPU run can confirm those fi
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from tinyrl.batch import build_batch
 from tinyrl.compose import load_config
 from tinyrl.models import build_tiny_model
-from tinyrl.plan import GIB, KNOWN_SHAPES, memory_plan
+from tinyrl.plan import GIB, KNOWN_SHAPES, measured_peak_bytes, memory_plan
 from tinyrl.rollout import SamplingConfig
 from tinyrl.trainer import RLTrainer
 
@@ -49,13 +47,6 @@ def _config(model_dir, run_dir, *extra):
     ])
 
 
-def _peak_bytes(prof, tmp_path) -> int:
-    path = tmp_path / "memory.json"
-    prof.export_memory_timeline(str(path), device="cpu")
-    _, sizes = json.loads(path.read_text())
-    return max(sum(row) for row in sizes)
-
-
 def _full_rows_batch():
     g = torch.Generator().manual_seed(0)
     batch = build_batch([torch.randint(3, 300, (PROMPT,), generator=g).tolist() for _ in range(ROWS)],
@@ -79,10 +70,10 @@ def test_plan_matches_an_updates_state_exactly_and_bounds_its_peak(plan_model, t
             return original_step(*args, **kwargs)
 
         trainer.optimizer.step = step_and_measure
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            stats = trainer._optimizer_step(_full_rows_batch(), list(range(ROWS)), step=1, on_policy=True)
+        stats = {}
+        measured = measured_peak_bytes(lambda: stats.update(
+            trainer._optimizer_step(_full_rows_batch(), list(range(ROWS)), step=1, on_policy=True)))
         assert "optim/skipped" not in stats
-        measured = _peak_bytes(prof, tmp_path)
     finally:
         trainer.close()
     plan = memory_plan(cfg, world_size=1, gpu_gb=1.0, device="cpu")
@@ -101,15 +92,14 @@ def test_plan_estimates_the_sampling_peak(plan_model, tmp_path):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 300, (PROMPT,), generator=g).tolist() for _ in range(64)]
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            trainer.engine.generate(prompts, SamplingConfig(max_new_tokens=SAMPLED, temperature=1.0, seed=0))
-        measured = _peak_bytes(prof, tmp_path)
+        sampling = SamplingConfig(max_new_tokens=SAMPLED, temperature=1.0, seed=0)
+        measured = measured_peak_bytes(lambda: trainer.engine.generate(prompts, sampling))
     finally:
         trainer.close()
     plan = memory_plan(cfg, world_size=1, gpu_gb=1.0, device="cpu")
     weights = plan.components["policy weights (float32)"]
-    sampling = plan.phases["generation"] - weights - plan.components["policy AdamW moments (float32)"]
-    assert 0.75 * sampling <= measured - weights <= 1.25 * sampling, (measured - weights, sampling)
+    planned = plan.phases["generation"] - weights - plan.components["policy AdamW moments (float32)"]
+    assert 0.75 * planned <= measured - weights <= 1.25 * planned, (measured - weights, planned)
 
 
 def test_known_shapes_have_their_published_parameter_counts():

@@ -31,8 +31,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tinyrl.config import TrainConfig, uses_critic, uses_reference
 
@@ -263,6 +266,21 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
         "update": resident + grads + acts + fsdp_transient,
     }
     return MemoryPlan(world_size, gpu_gb * GIB, components, phases, cpu_bytes)
+
+
+def measured_peak_bytes(fn: Callable[[], Any], device: str = "cpu") -> int:
+    """The peak bytes of tensors alive on `device` while `fn()` runs, from the PyTorch profiler's memory timeline
+    (every allocation and free, tensors that existed before included). To check a plan on a real run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.json"
+        prof.export_memory_timeline(str(path), device=device)
+        _, sizes = json.loads(path.read_text())
+    return max(sum(row) for row in sizes)
 
 
 def plan_main(argv: list[str] | None = None) -> None:
