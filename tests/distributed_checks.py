@@ -164,6 +164,7 @@ def main(out_path: str, model_dir: str, work: str) -> None:
             "seq-mean-token-sum-norm": ("algorithm=dr_grpo", "algorithm.kl_coef=0"),
             "kl-and-entropy": ("algorithm=grpo", "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01"),
             "clipped": ("algorithm=grpo", "algorithm.kl_coef=0", "trainer.max_grad_norm=0.01"),
+            "checkpointing": ("algorithm=grpo", "algorithm.kl_coef=0", "model.gradient_checkpointing=true"),
             "ppo-critic": ("algorithm=ppo",),
             "rank1-without-signal": ("algorithm=grpo", "algorithm.kl_coef=0"),
         }

@@ -563,8 +563,12 @@ class RLTrainer:
         return out
 
     def _timings(self) -> dict[str, float]:
-        """This step's phase times, the slowest rank's for each phase (the others wait for it)."""
-        return self._across_ranks({}, self.timer.metrics())
+        """This step's phase times and (on GPU) peak memory, the largest over ranks (the others wait for it)."""
+        figures = self.timer.metrics()
+        if self.device.type == "cuda":
+            figures["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self._across_ranks({}, figures)
 
     def _rollout_logprobs_are_exact(self) -> bool:
         """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled
