@@ -220,3 +220,11 @@ def test_sigkilled_two_rank_run_resumes_exactly_and_on_one_process_closely(grpo_
     train(load_config(_overrides(tiny_model_dir, on_one, *extra, "resume=true")))
     _assert_rows_close(_rows(on_one), _rows(root / "two"))
     _assert_weights_close(_weights(on_one), _weights(root / "two"), atol=5e-5)
+
+
+def test_cpu_offload_without_torchrun_and_gpus_fails_before_any_work(tiny_model_dir, tmp_path):
+    from tinyrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distributed.cpu_offload: .* needs CUDA GPUs and a torchrun launch"):
+        train(load_config(_overrides(tiny_model_dir, tmp_path / "run", "distributed.cpu_offload=true")))
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,16 @@ class World:
         shards are made, so no device ever holds a full copy), else the training device."""
         return torch.device("cpu") if self.sharded else self.device
 
+    def check_cpu_offload(self, requested: bool) -> None:
+        """Refuse `distributed.cpu_offload` where FSDP cannot offload: without torchrun or without a GPU."""
+        if requested and not (self.sharded and self.device.type == "cuda"):
+            from tinyrl.config import ConfigError
+
+            raise ConfigError(
+                "distributed.cpu_offload: offloading keeps FSDP's shards in CPU memory for GPU training; it needs "
+                f"CUDA GPUs and a torchrun launch (even --nproc_per_node=1), and this process has {self}"
+            )
+
     def __repr__(self) -> str:
         return f"World(rank={self.rank}, size={self.size}, device={self.device})"
 

@@ -59,6 +59,7 @@ def train(config: TrainConfig | dict | Any) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     world = init_world(cfg.device, cfg.distributed.timeout_s)
+    world.check_cpu_offload(cfg.distributed.cpu_offload)
     with world.reporting_failures():
         run = prepare_run(cfg, world)
         task, train_rows, eval_rows = load_problems(cfg)

@@ -98,8 +98,7 @@ class RLTrainer:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model")
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
-        if cfg.distributed.cpu_offload and not self.world.sharded:
-            raise ValueError("distributed.cpu_offload: offloading needs FSDP; launch with torchrun (even one process)")
+        self.world.check_cpu_offload(cfg.distributed.cpu_offload)
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
         self.policy = self.world.shard(policy, **shard_options)
         self.reference = self.world.shard(reference, **shard_options)
