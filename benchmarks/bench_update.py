@@ -7,6 +7,7 @@ repeat, so a drift in the machine's speed reaches all of them alike; the median 
 
     python benchmarks/bench_update.py                                  # tiny default model, CPU
     python benchmarks/bench_update.py --shape cpu-large                # a larger CPU shape, longer responses
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_update.py  # 2 ranks (FSDP2), whole groups each
     python benchmarks/bench_update.py --shape qwen2.5-3b --device cuda --gradient-checkpointing \\
         --modes padded:sdpa packed:sdpa packed:flex_attention packed:flash_attention_2
 
@@ -15,9 +16,12 @@ the model switches kernels in place, so all modes share one set of weights). The
 uniformly in `--prompt-lengths`, response lengths uniformly in `--response-lengths`, and sets a share
 `--clipped` of the responses to the maximum length (completions cut at `max_response_tokens`), as RL batches are.
 
-Tokens/s counts real tokens (prompt + response of every row), never padding. MFU = 6 x parameters x tokens/s over
-the peak: the best matmul throughput measured here before every repeat (float32 on CPU, bf16 on GPU; on a
-shared machine it moves with the load) unless `--peak-tflops` gives one (e.g. 989 for an H100 SXM's dense bf16). Gradient checkpointing's recomputation is not counted.
+Under torchrun every rank updates on its own whole groups of the batch (FSDP2-sharded model, loss normalised over
+the whole mini-batch, as the trainer does); a mode's time is the slowest rank's. Tokens/s counts real tokens
+(prompt + response of every row of every rank), never padding. MFU = 6 x parameters x tokens/s over the peak:
+the best matmul throughput measured before every repeat (float32 on CPU, bf16 on GPU; on a shared machine it
+moves with the load), summed over ranks, unless `--peak-tflops` gives one (e.g. 989 for an H100 SXM's dense
+bf16). Gradient checkpointing's recomputation is not counted.
 """
 
 from __future__ import annotations
@@ -126,76 +130,80 @@ def ragged_batch(rows: int, prompt_lengths, response_lengths, clipped: float, vo
     return batch
 
 
-def build_trainer(shape: dict, device: torch.device, micro_batch_tokens: int, checkpointing: bool, run_dir: str):
+def build_trainer(shape: dict, world, micro_batch_tokens: int, checkpointing: bool, run_dir: str):
+    """The trainer over a random-weight model of `shape` (sharded by FSDP2 under torchrun); and its parameters."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from tinyrl.compose import load_config
-    from tinyrl.models import train_tokenizer
+    from tinyrl.models import count_parameters, train_tokenizer
     from tinyrl.task import get_task
     from tinyrl.trainer import RLTrainer
 
     torch.manual_seed(0)
     config = Qwen2Config(**shape["model"], max_position_embeddings=4096, attn_implementation="sdpa")
-    with torch.device(device):
+    with torch.device(world.load_device):
         policy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params = count_parameters(policy)
     if checkpointing:
         policy.gradient_checkpointing_enable()
     task = get_task("countdown")
     rows = task.dataset("train", 8, 0)
     tokenizer = train_tokenizer([task.prompt(r) for r in task.dataset("train", 200, 0)], vocab_size=320)
     cfg = load_config([
-        f"device={device}", f"run_dir={run_dir}", "algorithm=grpo", "algorithm.kl_coef=0", "sft.enabled=false",
-        f"trainer.micro_batch_tokens={micro_batch_tokens}", "trainer.lr=1e-6", "task.reward_workers=0",
-        "rollout.max_prompt_tokens=512", "logging.progress=false", "logging.plot=false",
+        f"device={world.device.type}", f"run_dir={run_dir}", "algorithm=grpo", "algorithm.kl_coef=0",
+        "sft.enabled=false", f"trainer.micro_batch_tokens={micro_batch_tokens}", "trainer.lr=1e-6",
+        "task.reward_workers=0", "rollout.max_prompt_tokens=512", "logging.progress=false", "logging.plot=false",
     ])
-    return RLTrainer(cfg, run_dir, policy, tokenizer, task, rows, rows)
+    return RLTrainer(cfg, run_dir, policy, tokenizer, task, rows, rows, world=world), params
 
 
 def main():
+    from tinyrl.distributed import init_world
+    from tinyrl.packing import pack_layout, packing_for, plan_micro_batches
+
     args = parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    world = init_world(args.device)  # torchrun's ranks when launched by torchrun, else one process
+    device = world.device
     shape = SHAPES[args.shape]
     rows = args.rows or shape["rows"]
     prompt_lengths = args.prompt_lengths or shape["prompt_lengths"]
     response_lengths = args.response_lengths or shape["response_lengths"]
     clipped = shape["clipped"] if args.clipped is None else args.clipped
     budget = args.micro_batch_tokens or shape["micro_batch_tokens"]
+    say = print if world.is_main else (lambda *a, **k: None)
     skipped = {m: why for m in args.modes if (why := unavailable(m, device))}
     for mode, why in skipped.items():
-        print(f"skipping {mode}: {why}")
+        say(f"skipping {mode}: {why}")
     modes = [m for m in args.modes if m not in skipped]
     load_before = os.getloadavg()
 
-    from tinyrl.models import count_parameters
-    from tinyrl.packing import packing_for, plan_micro_batches
-
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(shape, device, budget, args.gradient_checkpointing, run_dir)
+        trainer, params = build_trainer(shape, world, budget, args.gradient_checkpointing, run_dir)
         policy = trainer.policy
-        params = count_parameters(policy)
         batch = ragged_batch(rows, prompt_lengths, response_lengths, clipped, shape["model"]["vocab_size"], args.seed)
-        all_rows = list(range(batch.size))
-        tokens = int(batch.attention_mask.sum())
+        # each rank updates on its own whole groups, as the trainer splits a step's prompts
+        groups = sorted(set(batch.group_index.tolist()))
+        mine = {groups[g] for g in world.share(len(groups))}
+        my_rows = [i for i in range(batch.size) if int(batch.group_index[i]) in mine]
+        tokens = int(batch.attention_mask.sum())  # over all ranks
         peaks = [] if args.peak_tflops else [matmul_peak_flops(device)]
 
         def configure(mode: str):
             layout, attention = mode.split(":")
             policy.set_attn_implementation(attention)
             trainer.packed_layout = packing_for([policy]) if layout == "packed" else None
-            micro, packing = plan_micro_batches(batch, all_rows, budget, trainer.packed_layout)
+            micro, packing = plan_micro_batches(batch, my_rows, budget, trainer.packed_layout)
             if packing is None:
                 fed = sum(batch.select(m).input_ids.numel() for m in micro)
             else:
-                from tinyrl.packing import pack_layout
-
                 fed = sum(pack_layout(batch.select(m), packing).tokens for m in micro)
-            return len(micro), fed
+            return int(world.sum(len(micro))), int(world.sum(fed))
 
         shapes, seconds, memory = {}, {m: [] for m in modes}, {}
         for mode in modes:  # warm-up (and flex_attention's compilation), not timed
             shapes[mode] = configure(mode)
-            trainer._optimizer_step(batch, all_rows, step=1, on_policy=True)
+            trainer._optimizer_step(batch, my_rows, step=1, on_policy=True)
         for repeat in range(args.repeats):
             if not args.peak_tflops:  # on a shared machine the peak moves with the load: measure it throughout
                 peaks.append(matmul_peak_flops(device))
@@ -204,16 +212,18 @@ def main():
                 configure(mode)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                world.barrier("the previous mode")
                 _sync(device)
                 start = time.perf_counter()
-                trainer._optimizer_step(batch, all_rows, step=1, on_policy=True)
+                trainer._optimizer_step(batch, my_rows, step=1, on_policy=True)
                 _sync(device)
-                seconds[mode].append(time.perf_counter() - start)
+                seconds[mode].append(world.max(time.perf_counter() - start))  # the slowest rank's time
                 if device.type == "cuda":
-                    memory[mode] = torch.cuda.max_memory_allocated(device) / 2**30
+                    memory[mode] = world.max(torch.cuda.max_memory_allocated(device) / 2**30)
         trainer.close()
 
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peaks)
+    # every rank computes on its own core or GPU: the peak of the whole world is the sum of the ranks' peaks
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else world.sum(max(peaks))
     results = []
     for mode in modes:
         median = statistics.median(seconds[mode])
@@ -222,8 +232,9 @@ def main():
         micro_batches, fed = shapes[mode]
         results.append({
             "mode": mode, "seconds_median": median,
-            "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]),
-            "seconds": seconds[mode], "time_vs_first_mode": paired, "tokens_per_s": tokens / median, "mfu": 6 * params * tokens / median / peak,
+            "seconds_min": min(seconds[mode]), "seconds_max": max(seconds[mode]), "seconds": seconds[mode],
+            "time_vs_first_mode": paired, "tokens_per_s": tokens / median,
+            "mfu": 6 * params * tokens / median / peak,
             "micro_batches": micro_batches, "fed_tokens": fed, "padding_share": 1 - tokens / fed,
             "peak_gib": memory.get(mode),
         })
@@ -231,13 +242,15 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (
             f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "shape": args.shape, "parameters": params, "rows": rows,
-        "tokens": tokens, "prompt_lengths": list(prompt_lengths), "response_lengths": list(response_lengths),
-        "clipped": clipped, "micro_batch_tokens": budget, "gradient_checkpointing": args.gradient_checkpointing,
+        "torch": torch.__version__, "transformers": transformers.__version__, "processes": world.size,
+        "threads": args.threads, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "shape": args.shape, "parameters": params, "rows": rows, "tokens": tokens,
+        "prompt_lengths": list(prompt_lengths), "response_lengths": list(response_lengths), "clipped": clipped,
+        "micro_batch_tokens": budget, "gradient_checkpointing": args.gradient_checkpointing,
         "peak_tflops": peak / 1e12, "peak_measured": not args.peak_tflops, "repeats": args.repeats,
     }
+    if not world.is_main:
+        return
     print(json.dumps(header))
     print(f"| mode | micro-batches | tokens fed (padding share) | seconds (median, min-max) | time / {modes[0]} "
           "(paired median) | tokens/s | MFU |" + (" peak GiB |" if memory else ""))
