@@ -19,6 +19,7 @@ from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch, build_batch, split_by_tokens
 from tinyrl.checkpoint import capture_rng, restore_rng, save_checkpoint
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
+from tinyrl.console import held_out_line
 from tinyrl.devices import resolve_device, resolve_dtype
 from tinyrl.eval_checkpoint import evaluate_policy
 from tinyrl.evaluate import eval_metrics
@@ -489,18 +490,25 @@ class RLTrainer:
             stop_requested["signal"] = signum
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        progress = Progress(t.steps, start_step=self.step_count, enabled=self.cfg.logging.progress) if t.steps else None
+        progress = None
+        if t.steps > self.step_count:
+            progress = Progress(t.steps, start_step=self.step_count, enabled=self.cfg.logging.progress, label="RL step")
         try:
             while self.step_count < t.steps:
                 metrics = self.step()
                 step = self.step_count
+                held_out = None
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     with self.timer.phase("evaluate", step):
-                        metrics.update(eval_metrics(self.evaluate(step)))
+                        held_out = self.evaluate(step)
+                    metrics.update(eval_metrics(held_out))
                 metrics["reward/worker_restarts"] = float(self.scorer.stats.get("worker_restarts", 0))
                 self.metrics.write(step, metrics)
                 if progress is not None:
-                    progress.update(step, {"reward": metrics.get("reward/mean", 0.0), "acc": metrics.get("reward/accuracy", 0.0)})
+                    progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
+                                           "train acc": metrics.get("reward/accuracy", 0.0)})
+                    if held_out is not None:
+                        progress.note(held_out_line(f"at RL step {step}", held_out))
                 if (t.save_every and step % t.save_every == 0) or stop_requested["signal"] is not None:
                     self.save()
                 if stop_requested["signal"] is not None:
@@ -508,3 +516,5 @@ class RLTrainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
