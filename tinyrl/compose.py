@@ -107,4 +107,6 @@ def _one_line(err: BaseException) -> str:
     if options:
         return f"{str(err).splitlines()[0]}; choose from {', '.join(options)}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
+    if type(err).__name__ == "OverrideParseException":
+        lines.insert(0, "an override does not parse:")
     return " ".join(lines)

@@ -66,12 +66,12 @@ def check_fits_device(cfg: TrainConfig) -> None:
     """A model over `CPU_PARAMETER_LIMIT` parameters with `device=auto` on a machine without a GPU is refused."""
     if cfg.device != "auto" or cfg.model.path is None:
         return
-    params = estimated_parameters(cfg.model.path)
-    if params is None or params <= CPU_PARAMETER_LIMIT:
-        return
     import torch
 
     if torch.cuda.is_available():
+        return
+    params = estimated_parameters(cfg.model.path)
+    if params is None or params <= CPU_PARAMETER_LIMIT:
         return
     raise ConfigError(
         f"model.path: {cfg.model.path!r} has about {params / 1e9:.1f}B parameters and this machine has no GPU "
@@ -81,7 +81,7 @@ def check_fits_device(cfg: TrainConfig) -> None:
 
 def estimated_parameters(source: str) -> int | None:
     """Parameters of a decoder-only transformer from its config.json (None when the file is not at hand)."""
-    path = Path(source) / "config.json" if looks_local(source) else _cached_file(source, "config.json")
+    path = Path(source) / "config.json" if looks_local(source) else _hub_file(source, "config.json")
     if path is None or not Path(path).is_file():
         return None
     c = json.loads(Path(path).read_text())
@@ -112,6 +112,19 @@ def _cached_file(repo_id: str, filename: str) -> str | None:
         return None
     found = try_to_load_from_cache(repo_id=repo_id, filename=filename)
     return found if isinstance(found, str) else None
+
+
+def _hub_file(repo_id: str, filename: str) -> str | None:
+    """A small file of a hub repository: from the cache, else downloaded (None when neither works)."""
+    found = _cached_file(repo_id, filename)
+    if found is not None or _offline_reason() is not None:
+        return found
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=repo_id, filename=filename)
+    except Exception:  # no such repository or file, no access: loading the model will say so
+        return None
 
 
 def _offline_reason() -> str | None:
