@@ -99,7 +99,7 @@ def with_run_settings(cfg, overrides: Sequence[str] = ()):
         cfg.task = saved.task
     for key, run_key in RUN_SETTINGS.items():
         if key not in given:
-            cfg[key] = OmegaConf.select(saved, run_key)
+            cfg[key] = OmegaConf.select(saved, run_key, default=cfg[key])
     return cfg, run_dir
 
 
