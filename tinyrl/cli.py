@@ -1,4 +1,4 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`.
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`.
 
 The first four compose the config tree shipped in `tinyrl.conf`, so they work from any directory and accept
 `key=value` overrides. A plain command composes with `tinyrl.load_config`, exactly as Python code does; Hydra's
@@ -26,7 +26,8 @@ CONFIG_ERROR_STATUS = 2
 
 @contextmanager
 def _reported(prog: str) -> Iterator[None]:
-    """A ConfigError becomes one line and exit status 2; Ctrl-C or SIGTERM says what was kept, status 130."""
+    """A ConfigError becomes one line and exit status 2; Ctrl-C or SIGTERM says what was kept, status 130; a run
+    stopped because its rewards kept failing, status 1 (its errors were printed as they happened)."""
     try:
         yield
     except ConfigError as err:
@@ -35,6 +36,13 @@ def _reported(prog: str) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         print(f"{prog}: {stop or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        from tinyrl.reward_report import RewardsFailed  # imports torch: only once a run has started
+
+        if isinstance(err, RewardsFailed):  # the errors themselves were printed as they happened
+            print(f"{prog}: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
 
 
 def _dispatch(prog: str, hydra_app: Callable[[], object], run: Callable[[Sequence[str]], object],
@@ -145,6 +153,26 @@ def plot_main(argv: list[str] | None = None) -> None:
     from tinyrl.plots import plot_run
 
     print(plot_run(args.run_dir, args.out))
+
+
+def tasks_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tinyrl-tasks",
+        description="List the tasks that task.name= accepts by name: built-in ones and installed plugins "
+        "(entry-point group tinyrl.tasks), with their constructor arguments (task.kwargs).",
+    )
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    args = parser.parse_args(argv)
+    from tinyrl.task import task_catalog
+
+    catalog = task_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=2))
+        return
+    width = max(len(entry["name"]) for entry in catalog)
+    for entry in catalog:
+        print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
+        print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ SAFE_ON_RESUME = (
     "rollout.gpu_memory_utilization",
     "rollout.timeout_s",
     "task.reward_workers",
-    "task.reward_timeout_s",
+    "task.reward_timeout_s",  # limits on failing rewards: they change only which failures score 0
+    "task.reward_cpu_s",
+    "task.reward_memory_mb",
+    "task.reward_error_limit",
     "threads",
     "device",
     "logging.tensorboard",
