@@ -17,10 +17,10 @@ from pathlib import Path
 import tinyrl
 from tinyrl.trainer import RLTrainer
 
-QUICK = [
-    "sft.steps=400", "trainer.steps=20", "trainer.eval_every=10", "task.eval_size=200",
-    "trainer.prompts_per_step=32", "trainer.prompts_per_mini_batch=32",
-]
+# The default run's full distillation and its first 20 GRPO steps. A shorter distillation does not save it: after
+# 400 steps (held-out accuracy 0.160) the policy samples too few right answers for GRPO's groups to differ, and 20
+# steps of 32 prompts moved held-out accuracy to 0.135.
+QUICK = ["trainer.steps=20"]
 
 
 def whole_experiment(overrides: list[str]) -> tuple[str, str]:

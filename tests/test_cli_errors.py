@@ -82,7 +82,7 @@ def test_every_key_outside_the_schema_is_refused_except_in_open_mappings():
 def test_a_group_estimator_needs_groups():
     with pytest.raises(ConfigError, match=r"rollout\.n: must be >= 2 with the group estimator"):
         load_config(["rollout.n=1"])
-    with pytest.raises(ConfigError, match=r"rollout\.n: must be >= 2 with the group estimator algorithm.advantage='rloo'"):
+    with pytest.raises(ConfigError, match=r"rollout\.n: must be >= 2 with the group estimator .*'rloo'"):
         load_config(["algorithm=rloo", "rollout.n=1"])
     assert load_config(["algorithm=ppo", "rollout.n=1"]).rollout.n == 1  # GAE needs no group
     assert load_config(["algorithm=reinforce_pp", "rollout.n=1"]).rollout.n == 1  # batch-whitened
@@ -100,7 +100,7 @@ def test_a_missing_optional_package_is_named_with_its_install_command(tmp_path):
 def test_the_vllm_engine_is_checked_before_anything_loads(tmp_path):
     cfg = load_config(["rollout.engine=vllm", f"run_dir={tmp_path / 'run'}"])
     if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs the module 'vllm'.*pip install 'tinyrl\[vllm\]'"):
+        with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs the module 'vllm'.*'tinyrl\[vllm\]'"):
             train(cfg)
         assert not (tmp_path / "run").exists()
     elif importlib.util.find_spec("tinyrl.rollout.vllm") is None:

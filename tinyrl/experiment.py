@@ -201,8 +201,9 @@ def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows:
     done = state["step"] if state is not None else 0
     console.say(f"distillation: {len(examples)} teacher traces, {cfg.sft.steps} steps of {cfg.sft.batch_size}"
                 + (f", continuing after step {done}" if done else ""))
-    progress = Progress(cfg.sft.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step") \
-        if cfg.sft.steps else None
+    progress = None
+    if cfg.sft.steps:
+        progress = Progress(cfg.sft.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step")
     try:
         with _stop_requests() as stop:
             summary = run_sft(

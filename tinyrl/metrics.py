@@ -263,8 +263,9 @@ class Progress:
 
     `label` names what is counted ("RL step", "distillation step"). On a TTY the line is redrawn in place (at
     most every `min_interval_s`, default 0.2 s); otherwise (log files, CI) a plain line is printed at most every
-    `min_interval_s` (default 30 s). The first update and the last step are always shown. ETA is measured from the steps done by this process, so a resumed run
-    (`start_step` > 0) gets an honest estimate. `enabled=False` makes every call a no-op (quiet runs).
+    `min_interval_s` (default 30 s). The first update and the last step are always shown. ETA is measured from
+    the steps done by this process, so a resumed run (`start_step` > 0) gets an honest estimate. `enabled=False`
+    makes every call a no-op (quiet runs); `note` prints a line of its own between updates.
     """
 
     def __init__(

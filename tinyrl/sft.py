@@ -24,6 +24,7 @@ import torch
 from tinyrl.batch import build_batch, split_by_tokens
 from tinyrl.checkpoint import capture_rng, restore_rng
 from tinyrl.config import SFTConfig
+from tinyrl.metrics import Progress
 from tinyrl.policy_ops import autocast_for, token_logprobs
 from tinyrl.prompts import render_prompt
 
@@ -97,7 +98,7 @@ def run_sft(
     micro_batch_tokens: int,
     log: Callable[[int, dict], None] | None = None,
     log_every: int = 50,
-    progress=None,
+    progress: Progress | None = None,
     state: dict | None = None,
     save: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
