@@ -38,7 +38,7 @@ SAFE_ON_RESUME = (
     "task.reward_cpu_s",
     "task.reward_memory_mb",
     "task.reward_error_limit",
-    "threads",
+    "threads",  # where the arithmetic runs: float rounding may differ, nothing else
     "device",
     "logging.tensorboard",
     "logging.wandb",
