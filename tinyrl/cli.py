@@ -1,4 +1,5 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`.
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`,
+`tinyrl-plan`.
 
 The first four compose the config tree shipped in `tinyrl.conf`, so they work from any directory and accept
 `key=value` overrides. A plain command composes with `tinyrl.load_config`, exactly as Python code does; Hydra's
@@ -173,6 +174,13 @@ def tasks_main(argv: list[str] | None = None) -> None:
     for entry in catalog:
         print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
         print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """`tinyrl-plan [--world-size N] [--gpu-gb G] [overrides...]`: per-GPU memory of a config, and whether it fits."""
+    from tinyrl.plan import plan_main as main
+
+    main(argv)
 
 
 if __name__ == "__main__":

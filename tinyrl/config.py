@@ -141,6 +141,14 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (FSDP2); see tinyrl/distributed.py."""
+
+    timeout_s: float = 1800.0  # a rank waiting longer than this at a collective fails, naming where the others were
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     # wandb.init arguments, e.g. {project: tinyrl, mode: offline}; typed Any because omegaconf cannot merge a
@@ -163,6 +171,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -316,6 +325,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_task(cfg.task)
+    _validate_distributed(cfg)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -374,6 +384,16 @@ def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
         "rollout.n",
         f"must be >= 2 with the group estimator algorithm.advantage={a.advantage!r} (a group of one completion "
         f"has no baseline to compare with, so every advantage is 0), got {r.n}",
+    )
+
+
+def _validate_distributed(cfg: TrainConfig) -> None:
+    d = cfg.distributed
+    _check(d.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+    _check(
+        not d.cpu_offload or cfg.device != "cpu",
+        "distributed.cpu_offload",
+        "offloads GPU memory to the CPU; it needs a GPU run (device=auto or cuda) under torchrun",
     )
 
 

@@ -10,6 +10,10 @@
     rl_trainer      the RL trainer, with a resumed run's state
     run_rl          evaluate, run RL steps (`RLTrainer.fit`), evaluate again
     finish          the final checkpoint, `summary.json`, the curves and the closing console lines
+
+Under torchrun every rank runs `train`: rank 0 decides the run directory and what to resume and tells the
+others; rank 0 alone builds the tiny model, distils (the others wait, then load the distilled weights, so the
+distilled model is the one a single process makes), prints and writes records; RL runs on all ranks.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from tinyrl.checkpoint import latest_checkpoint, load_checkpoint_state, save_che
 from tinyrl.compose import config_from_dict
 from tinyrl.config import ConfigError, TrainConfig, to_config
 from tinyrl.console import Console, held_out_line, summary_lines
-from tinyrl.devices import resolve_device, resolve_dtype
+from tinyrl.devices import resolve_dtype
+from tinyrl.distributed import World, init_world
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import MetricsWriter, Progress, rewind_metrics
 from tinyrl.preflight import preflight
@@ -43,6 +48,10 @@ from tinyrl.rundir import (
 )
 from tinyrl.task import get_task
 from tinyrl.trainer import RLTrainer
+
+# How long other ranks wait for work rank 0 does alone (building the tiny model, distillation). If rank 0
+# fails meanwhile, torchrun stops them at once.
+MAIN_ONLY_WAIT_S = 24 * 3600.0
 
 
 
@@ -60,21 +69,26 @@ def train(config: TrainConfig | dict | Any) -> dict:
     """Run a whole experiment from a config (dataclass, dict or DictConfig); return the summary written to disk."""
     cfg = experiment_config(config)
     preflight(cfg)
-    console = Console(cfg.logging.progress)
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    world = init_world(cfg.device, cfg.distributed.timeout_s)
+    world.check_cpu_offload(cfg.distributed.cpu_offload)
+    console = Console(cfg.logging.progress and world.is_main)
     task, train_rows, eval_rows = load_problems(cfg)
-    run = prepare_run(cfg, console)
+    run = prepare_run(cfg, world, console)
     try:
-        if run.state is not None and run.state["step"] >= cfg.trainer.steps:
-            return _already_finished(cfg, run)
-        base_path = base_model(cfg, run.dir, task, train_rows, console)
-        policy, tokenizer, summary, start_path = starting_policy(cfg, run, base_path, task, train_rows, console)
-        trainer = rl_trainer(cfg, run, policy, tokenizer, start_path, task, train_rows, eval_rows)
-        after = run_rl(trainer, summary, eval_rows, console)
-        return finish(cfg, trainer, summary, after, len(eval_rows), started, console)
+        with world.reporting_failures():
+            if run.state is not None and run.state["step"] >= cfg.trainer.steps:
+                return _already_finished(cfg, run, world)
+            base_path = base_model(cfg, run.dir, task, train_rows, world, console)
+            policy, tokenizer, summary, start_path = starting_policy(
+                cfg, run, base_path, task, train_rows, world, console
+            )
+            trainer = rl_trainer(cfg, run, world, policy, tokenizer, start_path, task, train_rows, eval_rows)
+            after = run_rl(trainer, summary, eval_rows, console)
+            return finish(cfg, trainer, summary, after, len(eval_rows), started, console)
     except KeyboardInterrupt as stop:
         raise KeyboardInterrupt(
             f"{stop or 'interrupted'}; to continue, rerun with run_dir={run.dir} resume=true"
@@ -105,31 +119,39 @@ def load_problems(cfg: TrainConfig):
     return task, train_rows, eval_rows
 
 
-def prepare_run(cfg: TrainConfig, console: Console) -> Run:
-    """Decide the run directory and the checkpoint to resume from; save the config the run uses."""
-    run_dir = resume_target(cfg) or default_run_dir(cfg)
-    if not resuming(cfg.resume):
-        check_unused(run_dir)
-    else:
-        for change in changed_on_resume(run_dir, cfg):
-            console.say(f"resume: {change}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = resume_checkpoint(cfg, run_dir)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
-    console.say(f"{verb}: {run_dir}")
-    return Run(run_dir, resuming(cfg.resume), checkpoint, state)
+def prepare_run(cfg: TrainConfig, world: World, console: Console) -> Run:
+    """Decide the run directory and the checkpoint to resume from; save the config the run uses.
+
+    Rank 0 decides and writes; every rank gets its decision.
+    """
+    decision = None
+    if world.is_main:
+        run_dir = resume_target(cfg) or default_run_dir(cfg)
+        if not resuming(cfg.resume):
+            check_unused(run_dir)
+        else:
+            for change in changed_on_resume(run_dir, cfg):
+                console.say(f"resume: {change}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = resume_checkpoint(cfg, run_dir)
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+        verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
+        console.say(f"{verb}: {run_dir}")
+        decision = Run(run_dir, resuming(cfg.resume), checkpoint, state)
+    return world.broadcast(decision)
 
 
-def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], console: Console) -> str:
-    """`model.path`, or a tiny Qwen2 and tokenizer built in `run_dir/base_model` from the task's own text."""
+def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], world: World,
+               console: Console) -> str:
+    """`model.path`, or a tiny Qwen2 and tokenizer built in `run_dir/base_model` from the task's own text
+    (by rank 0; the other ranks wait for it)."""
     from tinyrl.models import build_tiny_model
 
     if cfg.model.path is not None:
         return cfg.model.path
     base_path = run_dir / "base_model"
-    if not (base_path / "config.json").exists():
+    if world.is_main and not (base_path / "config.json").exists():
         corpus_rows = train_rows[: cfg.model.tiny.corpus_problems]
         demonstration = getattr(task, "demonstration", lambda row: None)
         tiny = cfg.model.tiny
@@ -142,47 +164,55 @@ def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], co
                 max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
                 seed=cfg.seed,
             )
+    world.barrier("building the tiny model on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
     return str(base_path)
 
 
-def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict], console: Console):
+def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict], world: World,
+                    console: Console):
     """The policy RL starts from, its tokenizer, the summary so far, and where reference and critic start.
 
     A resumed run continues from its checkpoint; a run whose distillation already finished reuses `sft_model/`;
-    otherwise the base model is loaded (or a resumed run's distillation checkpoint) and, when `sft.enabled`,
-    distilled first.
+    otherwise the base model is loaded and, when `sft.enabled`, distilled first (on rank 0 alone, continuing
+    from a resumed run's distillation checkpoint; the other ranks wait and then load what it saved).
     """
     from tinyrl.models import load_policy
 
-    device = resolve_device(cfg.device)
     sft_dir = run.dir / "sft_model"
     summary: dict[str, Any] = {}
-    sft_checkpoint = latest_checkpoint(run.dir / "sft") if run.resuming and cfg.sft.enabled else None
+
+    def load(source: Path | str, device):
+        with console.phase(f"loading the policy from {source} on {device}"):
+            return load_policy(source, device=device)
+
     if run.checkpoint is not None:
-        source = run.checkpoint / "actor"
-    elif cfg.sft.enabled and (sft_dir / "config.json").exists():
-        source = sft_dir
-    else:
-        source = sft_checkpoint / "actor" if sft_checkpoint is not None else Path(base_path)
-    with console.phase(f"loading the policy from {source} on {device}"):
-        policy, tokenizer = load_policy(source, device=device)
-    if run.checkpoint is not None:
+        policy, tokenizer = load(run.checkpoint / "actor", world.load_device)
         summary.update(run.state.get("extra", {}).get("summary", {}))
-    elif source == sft_dir:
+    elif cfg.sft.enabled and (sft_dir / "config.json").exists():
+        policy, tokenizer = load(sft_dir, world.load_device)
         summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
     elif cfg.sft.enabled:
-        summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows, sft_checkpoint, console))
+        if world.is_main:
+            checkpoint = latest_checkpoint(run.dir / "sft") if run.resuming else None
+            policy, tokenizer = load(checkpoint / "actor" if checkpoint is not None else base_path, world.device)
+            summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows, world.device, checkpoint,
+                                  console))
+        world.barrier("distillation on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
+        if not world.is_main:
+            policy, tokenizer = load_policy(sft_dir, device=world.load_device)
+            summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
+    else:
+        policy, tokenizer = load(base_path, world.load_device)
     start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
     return policy, tokenizer, summary, start_path
 
 
-def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict],
+def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device,
            checkpoint: Path | None, console: Console) -> dict:
     """Supervised warm start on teacher traces, continuing from `checkpoint` (in `run_dir/sft/checkpoints`) when
     given; checkpoints every `sft.save_every` steps and on SIGTERM/SIGINT; saves `sft_model/` atomically."""
     from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
 
-    device = resolve_device(cfg.device)
     if cfg.sft.traces_path:
         pairs = read_traces(cfg.sft.traces_path, tokenizer)
     else:
@@ -241,18 +271,19 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-def rl_trainer(cfg: TrainConfig, run: Run, policy, tokenizer, start_path: Path, task, train_rows, eval_rows):
-    """The RL trainer over the starting policy; a resumed run gets its checkpoint's state and metrics offset."""
+def rl_trainer(cfg: TrainConfig, run: Run, world: World, policy, tokenizer, start_path: Path, task, train_rows,
+               eval_rows) -> RLTrainer:
+    """The RL trainer over the starting policy; a resumed run gets its checkpoint's state, and the metrics rows
+    written after that checkpoint are set aside."""
+    if run.state is not None and world.is_main:
+        rewind_metrics(run.dir, run.state["metrics_offset"])
     trainer = RLTrainer.from_config(
         cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
         critic_path=run.checkpoint / "critic" if run.checkpoint is not None else None,
         task=task, train_rows=train_rows, eval_rows=eval_rows,
     )
     if run.state is not None:
-        rewind_metrics(run.dir, run.state["metrics_offset"])
-        trainer.metrics.close()
-        trainer.metrics = MetricsWriter(run.dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-        trainer.load_state_dict(run.state)
+        trainer.resume(run.checkpoint, run.state)
     return trainer
 
 
@@ -265,8 +296,8 @@ def run_rl(trainer: RLTrainer, summary: dict, eval_rows: list[dict], console: Co
     problems = _fingerprint(eval_rows)
     if summary.get("eval_set", problems) != problems:
         raise ConfigError(
-            f"task: the held-out problems differ from those this run measured before RL (the task's code or data "
-            f"changed?); start a new run to measure on them"
+            "task: the held-out problems differ from those this run measured before RL (the task's code or data "
+            "changed?); start a new run to measure on them"
         )
     try:
         if "accuracy_before_rl" not in summary:
@@ -301,7 +332,8 @@ def _fingerprint(rows: list[dict]) -> str:
 
 def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int, started: float,
            console: Console) -> dict:
-    """Write the final checkpoint, `summary.json` and `curves.png`; print the closing lines; return the summary."""
+    """Write the final checkpoint, `summary.json` and `curves.png` (rank 0); print the closing lines; return the
+    summary."""
     summary.update(
         accuracy_after_rl=after["accuracy"],
         eval_after_rl=after,
@@ -311,21 +343,26 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
         wall_seconds=summary.get("wall_seconds", 0.0) + (time.perf_counter() - started),
         run_dir=str(trainer.run_dir),
     )
+    summary = trainer.world.broadcast(summary)  # rank 0's clock
     trainer.extra_state["summary"] = summary
     trainer.save()
     trainer.close()
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.logging.plot:
-        from tinyrl.plots import plot_run
+    if trainer.world.is_main:
+        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.logging.plot:
+            from tinyrl.plots import plot_run
 
-        plot_run(trainer.run_dir)
+            plot_run(trainer.run_dir)
     for line in summary_lines(summary):
         console.say(line)
     return summary
 
 
-def _already_finished(cfg: TrainConfig, run: Run) -> dict:
+def _already_finished(cfg: TrainConfig, run: Run, world: World) -> dict:
     summary_path = run.dir / "summary.json"
     message = f"run in {run.dir} already finished {run.state['step']} of {cfg.trainer.steps} steps; nothing to resume"
-    print(message)
-    return json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
+    result = None
+    if world.is_main:
+        print(message)
+        result = json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
+    return world.broadcast(result)

@@ -40,6 +40,8 @@ SAFE_ON_RESUME = (
     "task.reward_error_limit",
     "threads",  # where the arithmetic runs: float rounding may differ, nothing else
     "device",
+    "distributed.timeout_s",
+    "distributed.cpu_offload",
     "logging.tensorboard",
     "logging.wandb",
     "logging.progress",
