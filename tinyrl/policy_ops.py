@@ -14,7 +14,7 @@ import torch
 
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch
-from tinyrl.packing import Packing, pack_layout, packing_for, plan_micro_batches
+from tinyrl.packing import Packing, pack_layout, plan_micro_batches
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):

@@ -21,6 +21,7 @@ from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch, build_batch
 from tinyrl.checkpoint import capture_rng, restore_rng
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
+from tinyrl.console import held_out_line
 from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
 from tinyrl.eval_checkpoint import sample_eval, summarize_samples, write_eval_samples
@@ -529,7 +530,7 @@ class RLTrainer:
         return {**totals, **self._across_ranks(shares, peaks)}
 
     def _critic_step(self, batch, micro, passes: int, normalizer, packing=None) -> dict[str, float]:
-        cfg, a, world = self.cfg, self.cfg.algorithm, self.world
+        a, world = self.cfg.algorithm, self.world
         self.critic.train()
         self.critic_optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -722,19 +723,26 @@ class RLTrainer:
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         show_progress = self.cfg.logging.progress and self.world.is_main
-        progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress) if t.steps else None
+        progress = None
+        if t.steps > self.step_count:
+            progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress, label="RL step")
         try:
             with self.world.reporting_failures():
                 while self.step_count < t.steps:
                     metrics = self.step()
                     step = self.step_count
+                    held_out = None
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                         with self.timer.phase("evaluate", step):
-                            metrics.update(eval_metrics(self.evaluate(step)))
+                            held_out = self.evaluate(step)
+                        metrics.update(eval_metrics(held_out))
                     metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
                     self.metrics.write(step, metrics)
                     if progress is not None:
-                        progress.update(step, {"reward": metrics.get("reward/mean", 0.0), "acc": metrics.get("reward/accuracy", 0.0)})
+                        progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
+                                               "train acc": metrics.get("reward/accuracy", 0.0)})
+                        if held_out is not None:
+                            progress.note(held_out_line(f"at RL step {step}", held_out))
                     # every rank stops at the same step, whichever received the signal
                     stop = self.world.max(stop_requested["signal"] is not None) > 0
                     if (t.save_every and step % t.save_every == 0) or stop:
@@ -745,6 +753,8 @@ class RLTrainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
 
 
 def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
