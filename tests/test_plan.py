@@ -86,8 +86,9 @@ def test_plan_matches_an_updates_state_exactly_and_bounds_its_peak(plan_model, t
 
 
 def test_plan_estimates_the_sampling_peak(plan_model, tmp_path):
-    cfg = _config(plan_model, tmp_path / "run", "rollout.n=1", "rollout.batch_size=64", "trainer.prompts_per_step=64",
-                  "trainer.prompts_per_mini_batch=64", f"rollout.max_response_tokens={SAMPLED}")
+    cfg = _config(plan_model, tmp_path / "run", "rollout.n=1", "algorithm.advantage=reinforce_pp",
+                  "rollout.batch_size=64", "trainer.prompts_per_step=64", "trainer.prompts_per_mini_batch=64",
+                  f"rollout.max_response_tokens={SAMPLED}")
     trainer = RLTrainer.from_config(cfg)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 300, (PROMPT,), generator=g).tolist() for _ in range(64)]
