@@ -11,7 +11,8 @@ import torch
 
 from tinyrl.compose import load_config
 from tinyrl.models import load_policy
-from tinyrl.trainer import RLTrainer, train
+from tinyrl.experiment import train
+from tinyrl.trainer import RLTrainer
 
 TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
 

@@ -25,7 +25,7 @@ def _print_summary(summary: dict) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> float:
-    from tinyrl.trainer import train
+    from tinyrl.experiment import train
 
     summary = train(cfg)
     _print_summary(summary)
@@ -34,7 +34,7 @@ def _train(cfg: DictConfig) -> float:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
 def _sft(cfg: DictConfig) -> float:
-    from tinyrl.trainer import train
+    from tinyrl.experiment import train
 
     summary = train(cfg)
     _print_summary(summary)

@@ -63,7 +63,7 @@ def evaluate_checkpoint(cfg) -> dict:
     from tinyrl.prompts import encode_prompts
     from tinyrl.rollout import make_engine
     from tinyrl.task import RewardScorer, get_task
-    from tinyrl.trainer import resolve_device
+    from tinyrl.devices import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

@@ -7,7 +7,7 @@ The module is callable so that `import tinyrl.train` (which makes `tinyrl.train`
 import sys
 import types
 
-from tinyrl.trainer import train
+from tinyrl.experiment import train
 
 
 class _CallableModule(types.ModuleType):

@@ -1,37 +1,33 @@
 """The RL loop: sample, score, estimate advantages, update, sync weights, evaluate, checkpoint.
 
-`train(config)` runs a whole experiment: build or load the policy, optionally distil from teacher traces, evaluate,
-run RL, evaluate again, and write `summary.json`. `RLTrainer.step()` is one RL step, written top to bottom in the
-order of ../DESIGN.md ("One training step").
+`RLTrainer.step()` is one RL step, written top to bottom in the order of DESIGN.md ("One training step");
+`RLTrainer.fit()` runs steps with checkpoints. A whole experiment (run directory, distillation, evaluation, RL,
+summary) is `tinyrl.experiment.train(config)`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import os
 import signal
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch, build_batch, split_by_tokens
-from tinyrl.checkpoint import capture_rng, latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
+from tinyrl.checkpoint import capture_rng, restore_rng, save_checkpoint
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
+from tinyrl.devices import resolve_device, resolve_dtype
 from tinyrl.eval_checkpoint import evaluate_policy
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, Progress, rewind_metrics, write_samples
+from tinyrl.metrics import MetricsWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
+from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
 from tinyrl.task import RewardScorer, get_task
 
@@ -45,19 +41,6 @@ MEMORY_KNOBS = (
     "rollout.max_response_tokens",
     "trainer.prompts_per_step",
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Training compute dtype: bf16 autocast on GPU, float32 on CPU (weights stay float32 for the optimizer)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def step_seed(seed: int, step: int, round_: int) -> int:
@@ -155,7 +138,7 @@ class RLTrainer:
             critic = load_critic(critic_path or cfg.model.critic_path or start_path, device=device)
             if cfg.model.gradient_checkpointing:
                 critic.gradient_checkpointing_enable()
-        return cls(cfg, run_dir or _run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
+        return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
 
     def close(self) -> None:
         """Stop the reward workers and flush the metrics sinks."""
@@ -209,14 +192,14 @@ class RLTrainer:
             rewards = batch.scores
             if a.kl_in_reward and batch.ref_logprobs is not None:
                 # token-level rewards: -beta * KL(pi_old || pi_ref) on every token, the outcome on the last one
-                reference_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
-                kl = algorithms.kl_penalty(reference_logprobs, batch.ref_logprobs, a.kl_estimator) * batch.response_mask
-                rewards = -a.kl_coef * kl
-                last = (batch.response_mask.cumsum(-1) == batch.response_mask.sum(-1, keepdim=True)) & (
-                    batch.response_mask > 0
+                sampler_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
+                rewards = algorithms.kl_shaped_rewards(
+                    batch.scores, sampler_logprobs, batch.ref_logprobs, batch.response_mask, a.kl_coef, a.kl_estimator
                 )
-                rewards = rewards + last.float() * batch.scores[:, None]
-                metrics["policy/kl_in_reward"] = float((kl.sum() / batch.response_mask.sum().clamp(min=1)))
+                kl = algorithms.kl_penalty(
+                    sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
+                )
+                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask))
             batch.advantages, batch.returns = algorithms.compute_advantages(
                 a.advantage,
                 rewards,
@@ -525,161 +508,3 @@ class RLTrainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------------- building a run from a config
-def _run_dir(cfg: TrainConfig) -> Path:
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        return Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def _resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    if cfg.resume is False or cfg.resume is None or cfg.resume == "false":
-        return None
-    if cfg.resume is True or cfg.resume == "true":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            if not cfg.run_dir:
-                raise ValueError("resume=true needs run_dir=<the run to resume> (or resume=<run dir>)")
-            log.warning("resume=true: no complete checkpoint in %s yet; starting RL from its first step", run_dir)
-            rewind_metrics(run_dir, 0)
-        return found
-    path = Path(str(cfg.resume))
-    if (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"resume={path}: no complete checkpoint under {path}/checkpoints")
-        return found
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"resume={path}: not a run directory or a checkpoint directory")
-    return path
-
-
-def train(config: TrainConfig | dict | Any) -> dict:
-    """Run a whole experiment from a config (dataclass, dict or DictConfig); return the summary written to disk."""
-    from tinyrl.models import build_tiny_model, load_policy
-    from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
-
-    cfg = to_config(config)
-    started = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run_dir = _run_dir(cfg)
-    if cfg.resume not in (False, None, "false", True, "true") and (Path(str(cfg.resume)) / "checkpoints").is_dir():
-        run_dir = Path(str(cfg.resume))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = _resume_checkpoint(cfg, run_dir)
-    if checkpoint is not None and checkpoint.parent.parent != run_dir:
-        run_dir = checkpoint.parent.parent
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-
-    task = get_task(cfg.task.name, **cfg.task.kwargs)
-    train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
-    eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
-
-    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    if state is not None and state["step"] >= cfg.trainer.steps:
-        summary_path = run_dir / "summary.json"
-        message = f"run in {run_dir} already finished {state['step']} of {cfg.trainer.steps} steps; nothing to resume"
-        log.warning(message)
-        print(message)
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
-
-    # --- the policy: a resumed checkpoint, a given model, or the tiny local model (with distillation first)
-    base_path = cfg.model.path
-    if base_path is None:
-        base_path = str(run_dir / "base_model")
-        if not (Path(base_path) / "config.json").exists():
-            corpus_rows = train_rows[: cfg.model.tiny.corpus_problems]
-            texts = [task.prompt(r) for r in corpus_rows] + [
-                d for d in (getattr(task, "demonstration", lambda r: None)(r) for r in corpus_rows) if d
-            ]
-            tiny = cfg.model.tiny
-            build_tiny_model(
-                base_path, texts, vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
-                num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads, intermediate_size=tiny.intermediate_size,
-                max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
-                seed=cfg.seed,
-            )
-    sft_dir = run_dir / "sft_model"
-    summary: dict[str, Any] = {}
-    if checkpoint is not None:
-        policy, tokenizer = load_policy(checkpoint / "actor", device=device)
-        summary.update(state.get("extra", {}).get("summary", {}))
-    elif cfg.sft.enabled and (sft_dir / "config.json").exists():
-        policy, tokenizer = load_policy(sft_dir, device=device)
-        summary.update(json.loads((run_dir / "sft_summary.json").read_text()))
-    else:
-        policy, tokenizer = load_policy(base_path, device=device)
-        if cfg.sft.enabled:
-            if cfg.sft.traces_path:
-                pairs = read_traces(cfg.sft.traces_path, tokenizer)
-            else:
-                pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
-            examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
-            sft_log = MetricsWriter(run_dir / "sft")
-            summary.update(
-                run_sft(
-                    policy, examples, cfg.sft, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device, dtype=dtype,
-                    micro_batch_tokens=cfg.trainer.micro_batch_tokens, log=sft_log.write,
-                )
-            )
-            sft_log.close()
-            policy.save_pretrained(sft_dir.with_name("sft_model.tmp"), safe_serialization=True)
-            tokenizer.save_pretrained(sft_dir.with_name("sft_model.tmp"))
-            os.replace(sft_dir.with_name("sft_model.tmp"), sft_dir)
-            (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
-    start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
-    trainer = RLTrainer.from_config(
-        cfg, run_dir=run_dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
-        critic_path=checkpoint / "critic" if checkpoint is not None else None,
-        task=task, train_rows=train_rows, eval_rows=eval_rows,
-    )
-    if state is not None:
-        rewind_metrics(run_dir, state["metrics_offset"])
-        trainer.metrics.close()
-        trainer.metrics = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-        trainer.load_state_dict(state)
-
-    try:
-        if "accuracy_before_rl" not in summary:
-            before = trainer.evaluate(0)
-            summary["accuracy_before_rl"] = before["accuracy"]
-            summary["eval_before_rl"] = before
-            trainer.metrics.write(0, eval_metrics(before))
-        trainer.extra_state["summary"] = summary
-        trainer.fit()
-        if trainer.step_count == 0:
-            after = summary["eval_before_rl"]  # no RL step: the policy is the one just measured
-        else:
-            after = trainer.evaluate(trainer.step_count)
-            trainer.metrics.write(trainer.step_count, eval_metrics(after))
-    finally:
-        trainer.scorer.close()
-    summary.update(
-        accuracy_after_rl=after["accuracy"],
-        eval_after_rl=after,
-        eval_problems=len(eval_rows),
-        eval_split=cfg.task.eval_split,
-        rl_steps=trainer.step_count,
-        wall_seconds=summary.get("wall_seconds", 0.0) + (time.perf_counter() - started),
-        run_dir=str(run_dir),
-    )
-    trainer.extra_state["summary"] = summary
-    trainer.save()
-    trainer.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.logging.plot:
-        from tinyrl.plots import plot_run
-
-        plot_run(run_dir)
-    return summary
