@@ -57,6 +57,18 @@ class TaskConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Correction of the rollout/training mismatch (veRL's `algorithm.rollout_correction` names; the math and its
+    sources are in tinyrl/algorithms/rollout_correction.py). Mismatch metrics are logged whatever these say."""
+
+    rollout_is: Optional[str] = None  # null: no reweighting | token: truncated importance sampling (TIS)
+    rollout_is_threshold: float = 2.0  # TIS cap C on pi_old / pi_rollout per token
+    rollout_rs: Optional[str] = None  # null | sequence: drop sequences whose ratio is outside the thresholds
+    rollout_rs_threshold: Optional[float] = None  # upper bound on the sequence ratio; null: rollout_is_threshold
+    rollout_rs_threshold_lower: Optional[float] = None  # lower bound; null: 1 / upper
+
+
+@dataclass
 class AlgorithmConfig:
     """An algorithm preset (see conf/algorithm/*.yaml): estimator, loss, KL and shaping choices."""
 
@@ -81,6 +93,7 @@ class AlgorithmConfig:
     overlong: str = "none"  # none | mask | soft
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -330,6 +343,24 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
+    _validate_rollout_correction(a.rollout_correction)
+
+
+def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:
+    from tinyrl import algorithms
+
+    key = "algorithm.rollout_correction"
+    _check(c.rollout_is in algorithms.ROLLOUT_IS_LEVELS, f"{key}.rollout_is",
+           f"must be null or token, got {c.rollout_is!r}")
+    _check(c.rollout_rs in algorithms.ROLLOUT_RS_LEVELS, f"{key}.rollout_rs",
+           f"must be null or sequence, got {c.rollout_rs!r}")
+    _check(c.rollout_is_threshold > 0, f"{key}.rollout_is_threshold", f"must be > 0, got {c.rollout_is_threshold}")
+    if c.rollout_rs is not None:
+        high = c.rollout_rs_threshold if c.rollout_rs_threshold is not None else c.rollout_is_threshold
+        _check(high > 0, f"{key}.rollout_rs_threshold", f"must be > 0, got {high}")
+        low = c.rollout_rs_threshold_lower if c.rollout_rs_threshold_lower is not None else 1.0 / high
+        _check(0 < low <= high, f"{key}.rollout_rs_threshold_lower",
+               f"must be in (0, rollout_rs_threshold = {high:g}], got {low:g}")
 
 
 def _looks_local(path: str) -> bool:

@@ -26,7 +26,7 @@ from tinyrl.metrics import MetricsWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
-from tinyrl.rollout import SamplingConfig, make_engine
+from tinyrl.rollout import SamplingConfig, engine_options, make_engine, policy_named_tensors
 from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
 from tinyrl.task import RewardScorer, get_task
@@ -80,7 +80,10 @@ class RLTrainer:
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.train_prompts = encode_prompts(task, train_rows, tokenizer, template, max_prompt, "training")
         self.eval_prompts = encode_prompts(task, eval_rows, tokenizer, template, max_prompt, "evaluation")
-        self.engine = engine or make_engine(cfg.rollout.engine, policy, tokenizer, batch_size=cfg.rollout.batch_size)
+        self.engine = engine or make_engine(
+            cfg.rollout.engine, policy, tokenizer,
+            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed),
+        )
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
@@ -141,8 +144,10 @@ class RLTrainer:
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
 
     def close(self) -> None:
-        """Stop the reward workers and flush the metrics sinks."""
+        """Stop the reward workers and the rollout engine, and flush the metrics sinks."""
         self.scorer.close()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         self.metrics.close()
 
     # ------------------------------------------------------------------ one RL step
@@ -211,17 +216,41 @@ class RLTrainer:
                 norm_by_std=a.norm_by_std,
             )
 
-        # 8. update
+        # 8. update (a colocated vLLM engine with rollout.sleep_level releases its GPU memory meanwhile)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
         with self.timer.phase("update", step):
             metrics.update(self._update(batch, step, on_policy))
 
         # 9. push the new weights to the rollout engine
         with self.timer.phase("sync", step):
-            call_with_timeout(self.engine.update_weights, cfg.rollout.timeout_s, "rollout weight sync", self.policy)
+            self._sync_engine(step)
 
         self.step_count = step
         metrics["optim/lr"] = self.schedule.get_last_lr()[0]
         return {**metrics, **self.timer.metrics()}
+
+    def _sync_engine(self, step: int) -> None:
+        """Make the engine sample from the updated policy. An engine with its own copy of the weights gets them as
+        (name, tensor) pairs; if that fails it is rebuilt from the current weights once, else the run stops here."""
+        timeout = self.cfg.rollout.timeout_s
+        if getattr(self.engine, "shares_policy_weights", False):
+            call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
+            return
+        try:
+            call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync", policy_named_tensors(self.policy))
+        except Exception as err:
+            # after a timeout the load may still be running: rebuilding under it is unsafe
+            if isinstance(err, TimeoutError) or not hasattr(self.engine, "rebuild"):
+                raise RuntimeError(f"step {step}: rollout weight sync failed ({err}); the engine may hold stale or "
+                                   "half-loaded weights, so the run stops here (resume from the last checkpoint)") from err
+            log.warning("step %d: rollout weight sync failed (%s); rebuilding the engine from the current weights",
+                        step, err)
+            try:
+                call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild", policy_named_tensors(self.policy))
+            except Exception as again:
+                raise RuntimeError(f"step {step}: rollout weight sync failed ({err}) and rebuilding the engine failed "
+                                   f"too ({again}); the run stops here (resume from the last checkpoint)") from again
 
     def _collect_groups(self, step: int):
         """Generate and score until `prompts_per_step` usable groups exist (one round unless dynamic sampling)."""
@@ -332,6 +361,7 @@ class RLTrainer:
                     loss_total = float("nan")  # the guard below skips this update (and stops a diverged run)
                     break
                 old = logprobs.detach() if on_policy else mb.old_logprobs
+                token_weights = self._rollout_correction(old, mb, totals, weight)
                 loss, pm = algorithms.policy_loss(
                     a.policy_loss,
                     logprobs,
@@ -343,6 +373,7 @@ class RLTrainer:
                     dual_clip=a.dual_clip,
                     agg=a.loss_agg,
                     normalizer=normalizer,
+                    token_weights=token_weights,
                 )
                 totals["losses/policy"] = totals.get("losses/policy", 0.0) + loss.item()
                 if mb.ref_logprobs is not None:
@@ -395,6 +426,28 @@ class RLTrainer:
             self.critic_optimizer.step()
         self.critic.eval()
         return {"losses/value": total, "optim/critic_grad_norm": float(grad_norm)}
+
+    def _rollout_correction(self, old, mb, totals: dict, weight: float):
+        """Log how far the sampler's log-probs are from pi_old's (`rollout/*`) and return the rollout-correction
+        token weights for the loss (None when `algorithm.rollout_correction` asks for none)."""
+        c = self.cfg.algorithm.rollout_correction
+        old = old.detach().float()
+        mismatch = algorithms.rollout_mismatch_metrics(old, mb.rollout_logprobs, mb.response_mask)
+        for key in ("mismatch_kl", "mismatch_k1", "is_ratio_mean"):
+            totals[f"rollout/{key}"] = totals.get(f"rollout/{key}", 0.0) + weight * mismatch[key]
+        totals["rollout/is_ratio_min"] = min(totals.get("rollout/is_ratio_min", np.inf), mismatch["is_ratio_min"])
+        for key in ("is_ratio_max", "logprob_diff_max"):
+            totals[f"rollout/{key}"] = max(totals.get(f"rollout/{key}", 0.0), mismatch[key])
+        if c.rollout_is is None and c.rollout_rs is None:
+            return None
+        weights, stats = algorithms.rollout_correction_weights(
+            old, mb.rollout_logprobs, mb.response_mask, rollout_is=c.rollout_is,
+            rollout_is_threshold=c.rollout_is_threshold, rollout_rs=c.rollout_rs,
+            rollout_rs_threshold=c.rollout_rs_threshold, rollout_rs_threshold_lower=c.rollout_rs_threshold_lower,
+        )
+        for key, value in stats.items():
+            totals[f"rollout/{key}"] = totals.get(f"rollout/{key}", 0.0) + weight * value
+        return weights
 
     def _rollout_logprobs_are_exact(self) -> bool:
         """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled

@@ -12,6 +12,10 @@ vLLM in-process has side effects on its caller that this engine undoes or avoids
   `isolated_rng()`, so the trainer's random streams (and exact resume) do not depend on the engine;
 - on the CPU backend, a seeded request whose prompt is split across scheduler steps (chunked prefill) crashes the
   engine (`CPU Generator does not use offset`): chunked prefill is off on CPU;
+- on the CPU backend vLLM binds its OpenMP threads to the thread that starts it, and its attention kernels fail
+  when called from another thread (`Check failed: input->metadata->thread_num == thread_num`): every call runs
+  on one thread the engine owns, whatever thread the caller (or its timeout wrapper) uses;
+- it replaces `torch.set_num_threads` by a no-op: set the trainer's thread count before starting the engine;
 - the prefix cache keeps KV computed with old weights: it is reset after every reload;
 - a tied LM head keeps a stale packed copy on the CPU backend: `vllm_worker.WeightSyncExtension` refreshes it.
 
@@ -22,10 +26,13 @@ One engine per training rank (vLLM's `external_launcher`, as TRL's colocate mode
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -41,6 +48,43 @@ INSTALL_HINT = (
 )
 WORKER_EXTENSION = "tinyrl.rollout.vllm_worker.WeightSyncExtension"
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class _EngineThread:
+    """A daemon thread that runs every call into one vLLM engine (see the module docstring for why)."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="tinyrl-vllm", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, kwargs, outcome, done = self._jobs.get()
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as err:  # handed to the caller's thread
+                outcome["error"] = err
+            done.set()
+
+    def call(self, fn, *args, **kwargs):
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        outcome: dict = {}
+        done = threading.Event()
+        self._jobs.put((fn, args, kwargs, outcome, done))
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+
+def _on_engine_thread(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return self._engine_thread.call(method, self, *args, **kwargs)
+
+    return run
 
 
 def vllm_available() -> bool:
@@ -114,7 +158,7 @@ class VLLMEngine:
         self._weights_discarded = False
         self._awake_tags: set[str] = set()
         self._broken: str | None = None
-        self._piece_cache: dict[int, str] = {}
+        self._engine_thread = _EngineThread()
         self._work_dir = Path(tempfile.mkdtemp(prefix="tinyrl-vllm-"))
         if model_path is None:
             if model is None:
@@ -134,7 +178,7 @@ class VLLMEngine:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             distributed_executor_backend=distributed_executor_backend,
         )
-        self.llm = self._start(self.model_path)
+        self.llm = self._engine_thread.call(self._start, self.model_path)
         self.on_cpu = self._platform_is_cpu()
         if sleep_level is not None and self.on_cpu:
             log.warning("rollout.sleep_level=%s: vLLM's sleep mode is GPU-only; on the CPU the engine stays awake",
@@ -178,7 +222,8 @@ class VLLMEngine:
                 **options,
             )
 
-    def rebuild(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config_source=None) -> None:
+    @_on_engine_thread
+    def rebuild(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace a broken engine by a new one started from `named_tensors` (after a failed weight load).
 
         The pairs are written as a checkpoint next to the one the engine started from (its config and tokenizer),
@@ -197,6 +242,7 @@ class VLLMEngine:
         self._broken = None
         self._asleep = self._weights_discarded = False
 
+    @_on_engine_thread
     def close(self) -> None:
         """Shut the engine down and release its memory. vLLM keeps its distributed state in process globals and
         tears it down with the engine, which is why a process holds one live `VLLMEngine` at a time."""
@@ -214,6 +260,7 @@ class VLLMEngine:
             VLLMEngine._live = None
 
     # ------------------------------------------------------------------ generation
+    @_on_engine_thread
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
         self._check_usable()
         if self._weights_discarded:
@@ -245,6 +292,7 @@ class VLLMEngine:
         """Load the current weights of `model` (a transformers model in this process)."""
         self.load_weights(model.state_dict().items())
 
+    @_on_engine_thread
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load `(hf_name, tensor)` pairs in place, one at a time, then drop the prefix cache.
 
@@ -265,6 +313,7 @@ class VLLMEngine:
         self._wake(["kv_cache"])
 
     # ------------------------------------------------------------------ sleep mode (GPU only)
+    @_on_engine_thread
     def sleep(self) -> None:
         """Release GPU memory during the update: level 1 offloads the weights to CPU and drops the KV cache;
         level 2 drops both (the next `load_weights` brings weights back). A no-op without `sleep_level` and on
