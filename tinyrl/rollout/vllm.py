@@ -50,6 +50,9 @@ WORKER_EXTENSION = "tinyrl.rollout.vllm_worker.WeightSyncExtension"
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
+_KEPT_UNTIL_EXIT: list = []  # engines closed under external_launcher (see VLLMEngine.close)
+
+
 class _EngineThread:
     """A daemon thread that runs every call into one vLLM engine (see the module docstring for why)."""
 
@@ -227,8 +230,11 @@ class VLLMEngine:
         """Replace a broken engine by a new one started from `named_tensors` (after a failed weight load).
 
         The pairs are written as a checkpoint next to the one the engine started from (its config and tokenizer),
-        then vLLM starts on it. Raises if the new engine fails to start.
+        then vLLM starts on it. Raises if the new engine fails to start, and under `external_launcher`, where
+        shutting the old engine down would take the trainer's process group with it (see `close`).
         """
+        if self._options["distributed_executor_backend"] == "external_launcher":
+            raise RuntimeError("a VLLMEngine under external_launcher cannot be rebuilt in the running process")
         self.close()
         self._rebuilds = getattr(self, "_rebuilds", 0) + 1
         directory = self._work_dir / f"rebuilt-{self._rebuilds}"
@@ -245,9 +251,19 @@ class VLLMEngine:
     @_on_engine_thread
     def close(self) -> None:
         """Shut the engine down and release its memory. vLLM keeps its distributed state in process globals and
-        tears it down with the engine, which is why a process holds one live `VLLMEngine` at a time."""
+        tears it down with the engine, which is why a process holds one live `VLLMEngine` at a time.
+
+        Under `external_launcher` that teardown would also destroy the caller's default process group (vLLM
+        joins the trainer's torch.distributed group), so there the engine is only detached and stays in memory
+        until the process exits."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is not None and self._options["distributed_executor_backend"] == "external_launcher":
+            # never collected, and no teardown at exit either: it would destroy the group the trainer owns
+            finalizer = getattr(llm.llm_engine.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            _KEPT_UNTIL_EXIT.append(llm)
+        elif llm is not None:
             with isolated_rng():
                 llm.llm_engine.engine_core.shutdown()
             del llm

