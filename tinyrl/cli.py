@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tinyrl.config import register_configs
+from tinyrl.config import ConfigError, register_configs
 
 CONFIG_PATH = "pkg://tinyrl.conf"
 
@@ -23,20 +23,27 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
-def _train(cfg: DictConfig) -> float:
+def _train_reporting_config_errors(cfg: DictConfig, prog: str) -> dict:
+    """Run the experiment; a bad config value ends the command with its one-line message, no traceback."""
     from tinyrl.experiment import train
 
-    summary = train(cfg)
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
+def _train(cfg: DictConfig) -> float:
+    summary = _train_reporting_config_errors(cfg, "tinyrl-train")
     _print_summary(summary)
     return float(summary.get("accuracy_after_rl", 0.0))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
 def _sft(cfg: DictConfig) -> float:
-    from tinyrl.experiment import train
-
-    summary = train(cfg)
+    summary = _train_reporting_config_errors(cfg, "tinyrl-sft")
     _print_summary(summary)
     return float(summary.get("accuracy_after_rl", 0.0))
 

@@ -82,7 +82,8 @@ class RLTrainer:
         self.eval_prompts = encode_prompts(task, eval_rows, tokenizer, template, max_prompt, "evaluation")
         self.engine = engine or make_engine(
             cfg.rollout.engine, policy, tokenizer,
-            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed),
+            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
+                             device=str(self.device)),
         )
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 

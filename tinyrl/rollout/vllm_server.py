@@ -111,6 +111,7 @@ class VLLMServerEngine:
         server_url: str | None = None,
         weight_sync: str = "disk",
         server_devices: str | None = None,
+        device: str = "cpu",
         seed_offset: int = 0,
         timeout_s: float = 1800.0,
         max_concurrency: int = 64,
@@ -119,11 +120,14 @@ class VLLMServerEngine:
     ):
         """Connect to the server at `server_url` and push `model`'s weights into it, or (`server_url=None`)
         start a server on `model`'s weights, on the GPUs `server_devices` (CUDA_VISIBLE_DEVICES; null inherits).
-        `engine_options` are `vllm_serve_args`'s (used only when starting a server)."""
+        `device` is the trainer's GPU, where NCCL broadcasts start (`weight_sync="nccl"`). `engine_options` are
+        `vllm_serve_args`'s (used only when starting a server)."""
         if weight_sync not in WEIGHT_SYNCS:
             raise ValueError(f"weight_sync must be one of {WEIGHT_SYNCS}, got {weight_sync!r}")
-        if weight_sync == "nccl" and not torch.cuda.is_available():
-            raise ValueError("weight_sync='nccl' broadcasts over NCCL and needs a CUDA device; use 'disk' here")
+        self.device = torch.device(device)
+        if weight_sync == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"weight_sync='nccl' broadcasts over NCCL from a CUDA device, the trainer is on "
+                             f"{self.device}; use weight_sync='disk'")
         self.tokenizer = tokenizer
         self.weight_sync = weight_sync
         self.seed_offset = seed_offset
@@ -184,7 +188,11 @@ class VLLMServerEngine:
             return ""
 
     def close(self) -> None:
-        """Stop the server this engine started (a server it connected to keeps running)."""
+        """Stop the server this engine started (a server it connected to keeps running); delete private files."""
+        self._stop()
+        shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def _stop(self) -> None:
         if self._client is not None:
             self._client.close_communicator()
             self._client = None
@@ -277,18 +285,19 @@ class VLLMServerEngine:
         if self._client is None:
             from trl.generation.vllm_client import VLLMClient
 
+            device = self.device if self.device.index is not None else torch.device("cuda", torch.cuda.current_device())
             self._client = VLLMClient(base_url=self.url, group_port=_free_port(), connection_timeout=self.timeout_s)
-            self._client.init_communicator(device=torch.cuda.current_device())
-        device = torch.device("cuda", torch.cuda.current_device())
+            self._client.init_communicator(device=device)  # also makes `device` the current CUDA device
+            self._nccl_device = device
         with self._client.weight_update():
             for name, tensor in named_tensors:
-                self._client.update_named_param(name, tensor.detach().to(device))
+                self._client.update_named_param(name, tensor.detach().to(self._nccl_device))
 
     def rebuild(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Restart a server this engine started, on `named_tensors` (after a failed weight load)."""
         if self._launch is None:
             raise RuntimeError(f"the vLLM server at {self.url} was started elsewhere; restart it by hand")
-        self.close()
+        self._stop()
         model_dir = self._model_dir
         for old in model_dir.glob("*.safetensors"):
             old.unlink()
