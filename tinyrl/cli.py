@@ -1,4 +1,4 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`.
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`.
 
 The first four are Hydra apps over the config tree shipped in `tinyrl.conf`, so they work from any directory,
 accept `key=value` overrides and `-m` sweeps.
@@ -23,27 +23,31 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
 
-def _train_reporting_config_errors(cfg: DictConfig, prog: str) -> dict:
-    """Run the experiment; a bad config value ends the command with its one-line message, no traceback."""
+def _run_training(cfg: DictConfig, prog: str) -> dict:
+    """Run the experiment; a bad config value or failing rewards end the command with a one-line message."""
     from tinyrl.experiment import train
+    from tinyrl.reward_report import RewardsFailed
 
     try:
         return train(cfg)
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(2)
+    except RewardsFailed as failure:  # the errors themselves were printed as they happened
+        print(f"{prog}: {failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> float:
-    summary = _train_reporting_config_errors(cfg, "tinyrl-train")
+    summary = _run_training(cfg, "tinyrl-train")
     _print_summary(summary)
     return float(summary.get("accuracy_after_rl", 0.0))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
 def _sft(cfg: DictConfig) -> float:
-    summary = _train_reporting_config_errors(cfg, "tinyrl-sft")
+    summary = _run_training(cfg, "tinyrl-sft")
     _print_summary(summary)
     return float(summary.get("accuracy_after_rl", 0.0))
 
@@ -96,6 +100,26 @@ def plot_main(argv: list[str] | None = None) -> None:
     from tinyrl.plots import plot_run
 
     print(plot_run(args.run_dir, args.out))
+
+
+def tasks_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tinyrl-tasks",
+        description="List the tasks that task.name= accepts by name: built-in ones and installed plugins "
+        "(entry-point group tinyrl.tasks), with their constructor arguments (task.kwargs).",
+    )
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    args = parser.parse_args(argv)
+    from tinyrl.task import task_catalog
+
+    catalog = task_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=2))
+        return
+    width = max(len(entry["name"]) for entry in catalog)
+    for entry in catalog:
+        print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
+        print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ class TaskConfig:
     data_seed: int = 0  # seeds the problem sets, kept apart from `seed` so every run seed sees the same eval set
     eval_split: str = "test"
     eval_size: int = 500
-    reward_workers: int = 2  # processes scoring completions; 0 scores in-process (no time limit)
-    reward_timeout_s: float = 5.0
+    reward_workers: int = 2  # processes scoring completions; 0 scores in-process (no time, CPU or memory limit)
+    reward_timeout_s: float = 5.0  # wall-clock seconds one reward may take
+    reward_cpu_s: float = 10.0  # CPU seconds one reward may use (RLIMIT_CPU, Linux); 0: no limit
+    reward_memory_mb: int = 4096  # memory a reward worker may allocate beyond what it holds once loaded; 0: no limit
+    reward_error_limit: Optional[float] = 1.0  # stop when this share of one step's rewards fail; null: never
 
 
 @dataclass
@@ -278,6 +281,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_algorithm(a)
+    _validate_task(cfg.task)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -361,6 +365,16 @@ def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:
         low = c.rollout_rs_threshold_lower if c.rollout_rs_threshold_lower is not None else 1.0 / high
         _check(0 < low <= high, f"{key}.rollout_rs_threshold_lower",
                f"must be in (0, rollout_rs_threshold = {high:g}], got {low:g}")
+
+
+def _validate_task(t: TaskConfig) -> None:
+    _check(t.reward_cpu_s >= 0, "task.reward_cpu_s", f"must be >= 0 (0: no limit), got {t.reward_cpu_s}")
+    _check(t.reward_memory_mb >= 0, "task.reward_memory_mb", f"must be >= 0 (0: no limit), got {t.reward_memory_mb}")
+    _check(
+        t.reward_error_limit is None or 0 < t.reward_error_limit <= 1,
+        "task.reward_error_limit",
+        f"must be in (0, 1] (a share of one step's rewards) or null, got {t.reward_error_limit}",
+    )
 
 
 def _looks_local(path: str) -> bool:

@@ -37,7 +37,7 @@ def evaluate_policy(
     stop = tuple(getattr(task, "stop", ()))
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     completions = call_with_timeout(engine.generate, timeout_s, "evaluation", prompt_ids, greedy)
-    rewards = scorer.score([c.text for c in completions], list(rows))
+    rewards = scorer.score([c.text for c in completions], list(rows), [c.token_ids for c in completions])
     sampled, ks = None, []
     if pass_k > 0:
         sampling = SamplingConfig(
@@ -45,7 +45,9 @@ def evaluate_policy(
             seed=int(np.random.default_rng([seed, step, 99]).integers(0, 2**62)),
         )
         many = call_with_timeout(engine.generate, timeout_s, "evaluation sampling", prompt_ids, sampling)
-        many_rewards = scorer.score([c.text for c in many], [rows[c.prompt_index] for c in many])
+        many_rewards = scorer.score(
+            [c.text for c in many], [rows[c.prompt_index] for c in many], [c.token_ids for c in many]
+        )
         sampled = [many_rewards[i * pass_k : (i + 1) * pass_k] for i in range(len(rows))]
         ks = sorted({1, pass_k} | ({pass_k // 2} if pass_k >= 4 else set()))
     summary = summarize_eval(rewards, sampled, ks, [len(c.token_ids) for c in completions])
@@ -73,7 +75,9 @@ def evaluate_checkpoint(cfg) -> dict:
     model, tokenizer = load_policy(cfg.checkpoint, device=device)
     prompt_ids = encode_prompts(task, rows, tokenizer, cfg.template, int(cfg.max_prompt_tokens), cfg.split)
     engine = make_engine("hf", model, tokenizer, batch_size=int(cfg.batch_size))
-    with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=float(cfg.task.get("reward_timeout_s", 5.0))) as scorer:
+    limits = {"cpu_s": float(cfg.task.get("reward_cpu_s", 10.0)), "memory_mb": int(cfg.task.get("reward_memory_mb", 4096))}
+    timeout = float(cfg.task.get("reward_timeout_s", 5.0))
+    with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=timeout, **limits) as scorer:
         summary = evaluate_policy(
             engine, scorer, task, tokenizer, rows, prompt_ids, max_new_tokens=int(cfg.max_response_tokens),
             pass_k=int(cfg.pass_k), temperature=float(cfg.temperature), seed=int(cfg.seed), run_dir=cfg.out, step=0,

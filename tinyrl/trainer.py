@@ -29,7 +29,9 @@ from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, engine_options, make_engine, policy_named_tensors
 from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import RewardScorer, get_task
+from tinyrl.reward_report import RewardErrorLog, component_metrics
+from tinyrl.reward_workers import RewardScorer
+from tinyrl.task import complete_task, get_task
 
 log = logging.getLogger("tinyrl")
 
@@ -67,6 +69,7 @@ class RLTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        task = complete_task(task)
         self.policy, self.tokenizer, self.task = policy, tokenizer, task
         self.reference, self.critic = reference, critic
         self.device = resolve_device(cfg.device)
@@ -98,7 +101,11 @@ class RLTrainer:
         self.step_count = 0
         self.extra_state: dict[str, Any] = {}
         self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-        self.scorer = RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s)
+        self.reward_errors = RewardErrorLog(self.run_dir / "reward_errors.jsonl")
+        self.scorer = RewardScorer(
+            task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s, cpu_s=cfg.task.reward_cpu_s,
+            memory_mb=cfg.task.reward_memory_mb, on_errors=self.reward_errors,
+        )
 
     @classmethod
     def from_config(
@@ -205,7 +212,7 @@ class RLTrainer:
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
-                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask))
+                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask > 0))
             batch.advantages, batch.returns = algorithms.compute_advantages(
                 a.advantage,
                 rewards,
@@ -258,6 +265,7 @@ class RLTrainer:
         cfg, a = self.cfg, self.cfg.algorithm
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         groups, scored = [], []
+        self.reward_errors.where = f"step {step}"
         for round_ in range(rounds):
             need = cfg.trainer.prompts_per_step - len(groups)
             if need <= 0:
@@ -267,7 +275,7 @@ class RLTrainer:
                 completions = self._generate([self.train_prompts[i] for i in indices], step_seed(cfg.seed, step, round_))
             with self.timer.phase("score", step):
                 rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
-                rewards = self.scorer.score([c.text for c in completions], rows)
+                rewards = self.scorer.score([c.text for c in completions], rows, [c.token_ids for c in completions])
             n = cfg.rollout.n
             for g, index in enumerate(indices):
                 members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
@@ -276,6 +284,8 @@ class RLTrainer:
                 if a.dynamic_sampling and max(shaped) - min(shaped) < 1e-9:
                     continue
                 groups.append((index, members, shaped))
+        limit = cfg.task.reward_error_limit
+        self.reward_errors.check([r for _, _, r in scored], limit, step, "task.reward_error_limit")
         return groups[: cfg.trainer.prompts_per_step], scored
 
     def _generate(self, prompts, seed: int):
@@ -474,6 +484,7 @@ class RLTrainer:
         metrics["reward/format_rate"] = float(np.mean([r.formatted for r in rewards]))
         metrics["reward/formatted_but_wrong"] = float(np.mean([r.formatted and not r.correct for r in rewards]))
         metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+        metrics.update(component_metrics(rewards, reserved=metrics))
         metrics["response/length_mean"] = float(np.mean(lengths))
         metrics["response/length_max"] = float(np.max(lengths))
         metrics["response/clip_rate"] = float(np.mean([c.finish_reason == "length" for _, c, _ in scored]))
@@ -491,6 +502,7 @@ class RLTrainer:
     def evaluate(self, step: int) -> dict:
         """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems."""
         cfg = self.cfg
+        self.reward_errors.where = f"evaluation at step {step}"
         return evaluate_policy(
             self.engine, self.scorer, self.task, self.tokenizer, self.eval_rows, self.eval_prompts,
             max_new_tokens=cfg.rollout.max_response_tokens, pass_k=cfg.trainer.eval_pass_k,
