@@ -169,6 +169,9 @@ class VLLMEngine:
             model_path = self._write_model(model)
         self.model_path = str(model_path)
         self._shapes = _checkpoint_shapes(self.model_path)
+        # one worker in this process (or one per torchrun rank) takes tensors as they are; tensor-parallel workers
+        # started by vLLM live in other processes, where tensors would arrive serialised
+        self._tensors_reach_workers = tensor_parallel_size == 1 or distributed_executor_backend == "external_launcher"
         self._options = dict(
             dtype=dtype,
             seed=seed,
@@ -325,7 +328,13 @@ class VLLMEngine:
         pairs = _checked_pairs(named_tensors, self._shapes)
         with isolated_rng():
             try:
-                self.llm.collective_rpc("tinyrl_reload_weights", kwargs={"weights_iterator": pairs})
+                if self._tensors_reach_workers:
+                    self.llm.collective_rpc("tinyrl_reload_weights", kwargs={"weights_iterator": pairs})
+                else:  # tensor-parallel workers in their own processes: hand them a checkpoint directory
+                    directory = self._work_dir / "weights"
+                    shutil.rmtree(directory, ignore_errors=True)
+                    _write_safetensors(pairs, directory)
+                    self.llm.collective_rpc("tinyrl_reload_weights", kwargs={"weights_path": str(directory)})
                 self.llm.reset_prefix_cache()
             except Exception as err:
                 self._broken = f"weight load failed: {err}"
