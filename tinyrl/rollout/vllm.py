@@ -17,11 +17,13 @@ vLLM in-process has side effects on its caller that this engine undoes or avoids
   on one thread the engine owns, whatever thread the caller (or its timeout wrapper) uses;
 - it replaces `torch.set_num_threads` by a no-op: set the trainer's thread count before starting the engine;
 - the prefix cache keeps KV computed with old weights: it is reset after every reload;
-- a tied LM head keeps a stale packed copy on the CPU backend: `vllm_worker.WeightSyncExtension` refreshes it.
+- a tied LM head keeps a stale packed copy on the CPU backend when the new weights lack `lm_head.weight` (as
+  `named_parameters()` and checkpoints do): `vllm_worker.WeightSyncExtension` refreshes it after every load.
 
-One engine per training rank (vLLM's `external_launcher`, as TRL's colocate mode does): build it under torchrun with
-`distributed_executor_backend="external_launcher"` (vLLM then places it on `cuda:LOCAL_RANK`) and a distinct
-`seed_offset` per rank, and give each rank its own prompts. Nothing here reads the rank.
+One engine per training rank (vLLM's `external_launcher`, as TRL's colocate mode does): build it under torchrun,
+after `init_process_group`, with `model_path` set to the same checkpoint directory on every rank,
+`distributed_executor_backend="external_launcher"` (vLLM then places it on `cuda:LOCAL_RANK` and joins the default
+process group) and `seed_offset=rank`, and give each rank its own prompts. Nothing here reads the rank.
 """
 
 from __future__ import annotations
@@ -195,8 +197,7 @@ class VLLMEngine:
         directory = directory or self._work_dir / "model"
         if directory.exists():
             shutil.rmtree(directory)
-        # state_dict() holds lm_head.weight even when tied (save_pretrained would drop it); vLLM ignores extras.
-        model.save_pretrained(directory, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+        model.save_pretrained(directory)  # a tied lm_head.weight is left out; vLLM ties it to the embedding
         self.tokenizer.save_pretrained(directory)
         return directory
 
@@ -220,6 +221,7 @@ class VLLMEngine:
             if self._platform_is_cpu():
                 # a seeded request split across scheduler steps kills the CPU engine (see the module docstring)
                 options["enable_chunked_prefill"] = False
+                options["enable_sleep_mode"] = False  # vLLM's CPU backend has none (sleep() only warns)
             return LLM(
                 path,
                 tokenizer=path,
