@@ -103,3 +103,18 @@ def test_the_command_line_trains_the_tiny_default_with_vllm(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all("rollout/mismatch_kl" in r and r["time/sync"] > 0 for r in rows)
     assert "engine: vllm" in (run / "config.yaml").read_text()
+
+
+def test_a_weight_sync_that_cannot_be_repaired_stops_the_run_naming_the_step(tiny_model_dir, tmp_path):
+    """The policy's vocabulary grows after the engine started (new tokens added mid-run): the engine refuses the
+    mis-shaped embedding, the rebuild from the current weights cannot start either, and the step is named."""
+    from tinyrl.trainer import RLTrainer
+
+    trainer = RLTrainer.from_config(_config(tiny_model_dir, tmp_path / "run", "trainer.steps=1", *VLLM))
+    try:
+        trainer.policy.resize_token_embeddings(trainer.policy.config.vocab_size + 64)
+        with pytest.raises(RuntimeError, match=r"^step 1, phase sync: .*rollout weight sync failed .*embed_tokens"
+                                               r"\.weight has shape .* and rebuilding the engine failed too"):
+            trainer.step()
+    finally:
+        trainer.close()

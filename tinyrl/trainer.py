@@ -240,7 +240,8 @@ class RLTrainer:
 
     def _sync_engine(self, step: int) -> None:
         """Make the engine sample from the updated policy. An engine with its own copy of the weights gets them as
-        (name, tensor) pairs; if that fails it is rebuilt from the current weights once, else the run stops here."""
+        (name, tensor) pairs; if that fails it is rebuilt from the current weights once, else the run stops here
+        (the phase timer adds the step and phase to the message)."""
         timeout = self.cfg.rollout.timeout_s
         if getattr(self.engine, "shares_policy_weights", False):
             call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
@@ -250,15 +251,16 @@ class RLTrainer:
         except Exception as err:
             # after a timeout the load may still be running: rebuilding under it is unsafe
             if isinstance(err, TimeoutError) or not hasattr(self.engine, "rebuild"):
-                raise RuntimeError(f"step {step}: rollout weight sync failed ({err}); the engine may hold stale or "
-                                   "half-loaded weights, so the run stops here (resume from the last checkpoint)") from err
+                raise RuntimeError(f"rollout weight sync failed ({err}); the engine may hold stale or half-loaded "
+                                   "weights, so the run stops here (resume from the last checkpoint)") from err
             log.warning("step %d: rollout weight sync failed (%s); rebuilding the engine from the current weights",
                         step, err)
             try:
                 call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild", policy_named_tensors(self.policy))
             except Exception as again:
-                raise RuntimeError(f"step {step}: rollout weight sync failed ({err}) and rebuilding the engine failed "
-                                   f"too ({again}); the run stops here (resume from the last checkpoint)") from again
+                raise RuntimeError(f"rollout weight sync failed ({err}) and rebuilding the engine failed too "
+                                   f"({type(again).__name__}: {again}); the run stops here (resume from the last "
+                                   "checkpoint)") from again
 
     def _collect_groups(self, step: int):
         """Generate and score until `prompts_per_step` usable groups exist (one round unless dynamic sampling)."""
