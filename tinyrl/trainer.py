@@ -444,6 +444,10 @@ class RLTrainer:
         """Log how far the sampler's log-probs are from pi_old's (`rollout/*`) and return the rollout-correction
         token weights for the loss (None when `algorithm.rollout_correction` asks for none)."""
         c = self.cfg.algorithm.rollout_correction
+        if mb.rollout_logprobs is None:  # a batch assembled without the sampler's log-probs
+            if c.rollout_is is not None or c.rollout_rs is not None:
+                raise ValueError("algorithm.rollout_correction needs the sampler's log-probs (batch.rollout_logprobs)")
+            return None
         old = old.detach().float()
         mismatch = algorithms.rollout_mismatch_metrics(old, mb.rollout_logprobs, mb.response_mask)
         for key in ("mismatch_kl", "mismatch_k1", "is_ratio_mean"):
