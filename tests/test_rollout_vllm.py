@@ -105,19 +105,17 @@ def test_seeded_completions_repeat_and_do_not_depend_on_the_batch(untied):
     assert [c.token_ids for c in fewer] == [c.token_ids for c in first if c.info["sample_index"] < 2]
 
 
-def test_seed_offset_gives_other_streams_from_the_same_seed(untied):
-    """Engines on different ranks get different `seed_offset`s and so different completions of one seed."""
+def test_a_share_of_a_batch_samples_what_the_whole_batch_would(untied):
+    """A rank that gets prompts 1..2 of a batch (`prompt_offset=1`) samples exactly their completions in the batch."""
     model, tokenizer, engine = untied
     prompts = prompts_of(tokenizer)
-    sampling = SamplingConfig(max_new_tokens=10, n=2, temperature=1.0, seed=42)
-    rank0 = engine.generate(prompts, sampling)
-    engine.seed_offset = 1
-    try:
-        rank1 = engine.generate(prompts, sampling)
-    finally:
-        engine.seed_offset = 0
-    assert [c.token_ids for c in rank1] != [c.token_ids for c in rank0]
-    assert [c.token_ids for c in engine.generate(prompts, sampling)] == [c.token_ids for c in rank0]
+    whole = engine.generate(prompts, SamplingConfig(max_new_tokens=10, n=2, temperature=1.0, seed=42))
+    share = engine.generate(prompts[1:], SamplingConfig(max_new_tokens=10, n=2, temperature=1.0, seed=42,
+                                                        prompt_offset=1))
+    assert [c.token_ids for c in share] == [c.token_ids for c in whole[2:]]
+    assert [c.prompt_index for c in share] == [0, 0, 1, 1]
+    unshifted = engine.generate(prompts[1:], SamplingConfig(max_new_tokens=10, n=2, temperature=1.0, seed=42))
+    assert [c.token_ids for c in unshifted] != [c.token_ids for c in whole[2:]]
 
 
 def test_the_callers_random_streams_are_untouched(untied):

@@ -35,11 +35,13 @@ def main(model_dir: str, out_dir: str) -> None:
     # every rank starts from the same checkpoint directory (external_launcher expects one model for all)
     engine = VLLMEngine(model, tokenizer, model_path=model_dir, dtype="float32", enforce_eager=True,
                         kv_cache_memory_bytes=64 << 20, max_model_len=1024,
-                        distributed_executor_backend="external_launcher", seed_offset=rank)
-    mine = tokenizer(TEXTS[rank::world], add_special_tokens=False)["input_ids"]
+                        distributed_executor_backend="external_launcher")
+    every = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    block = (len(every) + world - 1) // world  # each rank its contiguous block of the prompts, as the trainer does
+    mine = every[rank * block : (rank + 1) * block]
     report = {"rank": rank, "prompts": mine, "greedy_before": greedy_matches(model, tokenizer, engine, mine)}
-    shared = tokenizer(TEXTS[:2], add_special_tokens=False)["input_ids"]
-    report["sampled"] = [c.token_ids for c in engine.generate(shared, SamplingConfig(10, n=2, temperature=1.0, seed=9))]
+    sampling = SamplingConfig(10, n=2, temperature=1.0, seed=9, prompt_offset=rank * block)
+    report["sampled"] = [c.token_ids for c in engine.generate(mine, sampling)]
     with torch.no_grad():  # the same update on every rank, as after a data-parallel optimizer step
         generator = torch.Generator().manual_seed(0)
         for p in model.parameters():

@@ -1,4 +1,5 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`.
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`,
+`tinyrl-plan`.
 
 The first four are Hydra apps over the config tree shipped in `tinyrl.conf`, so they work from any directory,
 accept `key=value` overrides and `-m` sweeps.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import hydra
@@ -18,7 +20,21 @@ from tinyrl.config import ConfigError, register_configs
 CONFIG_PATH = "pkg://tinyrl.conf"
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _quiet_hydra_on_other_ranks() -> None:
+    """Under torchrun every rank runs the Hydra app; only rank 0 may create the run's output directory (the
+    others would make their own, named by their own clock) and log files."""
+    if _rank() > 0:
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 def _print_summary(summary: dict) -> None:
+    if _rank() > 0:
+        return
     keys = ["accuracy_before_rl", "accuracy_after_rl", "eval_problems", "rl_steps", "wall_seconds", "run_dir"]
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
@@ -71,6 +87,7 @@ def _data(cfg: DictConfig) -> None:
 
 def train_main() -> None:
     register_configs()
+    _quiet_hydra_on_other_ranks()
     try:
         _train()
     except KeyboardInterrupt as stop:
@@ -80,6 +97,7 @@ def train_main() -> None:
 
 def sft_main() -> None:
     register_configs()
+    _quiet_hydra_on_other_ranks()
     _sft()
 
 
@@ -120,6 +138,13 @@ def tasks_main(argv: list[str] | None = None) -> None:
     for entry in catalog:
         print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
         print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """`tinyrl-plan [--world-size N] [--gpu-gb G] [overrides...]`: per-GPU memory of a config, and whether it fits."""
+    from tinyrl.plan import plan_main as main
+
+    main(argv)
 
 
 if __name__ == "__main__":

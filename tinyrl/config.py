@@ -161,6 +161,14 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (FSDP2); see tinyrl/distributed.py."""
+
+    timeout_s: float = 1800.0  # a rank waiting longer than this at a collective fails, naming where the others were
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     wandb: Optional[dict] = None  # e.g. {project: tinyrl, mode: offline}
@@ -181,6 +189,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -282,6 +291,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_algorithm(a)
     _validate_task(cfg.task)
+    _validate_distributed(cfg)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -365,6 +375,16 @@ def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:
         low = c.rollout_rs_threshold_lower if c.rollout_rs_threshold_lower is not None else 1.0 / high
         _check(0 < low <= high, f"{key}.rollout_rs_threshold_lower",
                f"must be in (0, rollout_rs_threshold = {high:g}], got {low:g}")
+
+
+def _validate_distributed(cfg: TrainConfig) -> None:
+    d = cfg.distributed
+    _check(d.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+    _check(
+        not d.cpu_offload or cfg.device != "cpu",
+        "distributed.cpu_offload",
+        "offloads GPU memory to the CPU; it needs a GPU run (device=auto or cuda) under torchrun",
+    )
 
 
 def _validate_task(t: TaskConfig) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "SAMPLES_JSONL",
     "SAMPLES_MD",
     "MetricsWriter",
+    "NullWriter",
     "rewind_metrics",
     "read_metrics",
     "Progress",
@@ -152,6 +153,19 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NullWriter:
+    """A `MetricsWriter` that keeps nothing: for processes that share a run but do not write its records."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _move_tail(run_dir: Path, offset: int) -> int:

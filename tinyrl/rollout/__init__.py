@@ -28,16 +28,13 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; choose 'hf' or 'vllm'")
 
 
-def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu", seed_offset: int = 0) -> dict:
+def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu") -> dict:
     """`make_engine` options from a `RolloutConfig`; `dtype` and `device` are the trainer's (`dtype` is used when
     `rollout.dtype` is auto; `device` is where a server engine's NCCL weight broadcast starts from).
-
-    `seed_offset` gives engines on different ranks different sampling streams for the same step seed.
     """
     if rollout.engine == "hf":
         return {"batch_size": rollout.batch_size}
     options = dict(
-        seed_offset=seed_offset,
         dtype=dtype if rollout.dtype == "auto" else rollout.dtype,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         tensor_parallel_size=rollout.tensor_parallel_size,

@@ -23,7 +23,8 @@ vLLM in-process has side effects on its caller that this engine undoes or avoids
 One engine per training rank (vLLM's `external_launcher`, as TRL's colocate mode does): build it under torchrun,
 after `init_process_group`, with `model_path` set to the same checkpoint directory on every rank,
 `distributed_executor_backend="external_launcher"` (vLLM then places it on `cuda:LOCAL_RANK` and joins the default
-process group) and `seed_offset=rank`, and give each rank its own prompts. Nothing here reads the rank.
+process group), and give each rank its own block of prompts with `SamplingConfig.prompt_offset` set to the
+block's start: completions are then exactly those one process would sample. Nothing here reads the rank.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def completion_seed(seed: int, seed_offset: int, prompt_index: int, sample_index: int) -> int:
-    """The vLLM seed of completion `sample_index` of prompt `prompt_index`: a pure function of its arguments."""
-    return hash((int(seed), int(seed_offset), prompt_index, sample_index)) & (2**62 - 1)
+def completion_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The vLLM seed of completion `sample_index` of prompt `prompt_index` (its place in the whole batch, i.e.
+    `SamplingConfig.prompt_offset` + its index in the call): a pure function of its arguments, as in HFEngine."""
+    return hash((int(seed), prompt_index, sample_index)) & (2**62 - 1)
 
 
 def sampling_params(sampling: SamplingConfig, seed: int | None):
@@ -134,7 +136,6 @@ class VLLMEngine:
         *,
         model_path: str | Path | None = None,
         seed: int = 0,
-        seed_offset: int = 0,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.5,
         tensor_parallel_size: int = 1,
@@ -147,8 +148,7 @@ class VLLMEngine:
     ):
         """Start vLLM on the weights of `model` (written to a private directory) or on `model_path` as is.
 
-        `seed` seeds vLLM's own generator (unseeded requests); `seed_offset` is mixed into every completion's
-        seed so engines on different ranks draw different streams from the same `SamplingConfig.seed`.
+        `seed` seeds vLLM's own generator (used by unseeded requests only).
         `sleep_level` (1 or 2; GPU only) releases weights and KV cache between generation and the next
         weight load: see `sleep`. The other options are `vllm.LLM`'s, under its names.
         """
@@ -157,7 +157,6 @@ class VLLMEngine:
         if sleep_level not in (None, 1, 2):
             raise ValueError(f"sleep_level must be null, 1 or 2, got {sleep_level!r}")
         self.tokenizer = tokenizer
-        self.seed_offset = seed_offset
         self.sleep_level = sleep_level
         self._asleep = False
         self._weights_discarded = False
@@ -296,7 +295,7 @@ class VLLMEngine:
             base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
             prompts = [{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in requests]
-            params = [sampling_params(sampling, completion_seed(base, self.seed_offset, i, j)) for i, j in requests]
+            params = [sampling_params(sampling, completion_seed(base, sampling.prompt_offset + i, j)) for i, j in requests]
             try:
                 outputs = self.llm.generate(prompts, params, use_tqdm=False)
             except Exception as err:

@@ -112,7 +112,6 @@ class VLLMServerEngine:
         weight_sync: str = "disk",
         server_devices: str | None = None,
         device: str = "cpu",
-        seed_offset: int = 0,
         timeout_s: float = 1800.0,
         max_concurrency: int = 64,
         start_timeout_s: float = 600.0,
@@ -130,7 +129,6 @@ class VLLMServerEngine:
                              f"{self.device}; use weight_sync='disk'")
         self.tokenizer = tokenizer
         self.weight_sync = weight_sync
-        self.seed_offset = seed_offset
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self._broken: str | None = None
@@ -243,7 +241,7 @@ class VLLMServerEngine:
                 "return_token_ids": True,
             }
             if sampling.temperature > 0:
-                body["seed"] = completion_seed(base, self.seed_offset, i, j)
+                body["seed"] = completion_seed(base, sampling.prompt_offset + i, j)
             return self._post("/v1/completions", body)["choices"][0]
 
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(requests)))) as pool:
