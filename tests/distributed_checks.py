@@ -167,13 +167,16 @@ def main(out_path: str, model_dir: str, work: str) -> None:
             "checkpointing": ("algorithm=grpo", "algorithm.kl_coef=0", "model.gradient_checkpointing=true"),
             "ppo-critic": ("algorithm=ppo",),
             "rank1-without-signal": ("algorithm=grpo", "algorithm.kl_coef=0"),
+            "packed": ("algorithm=grpo", "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01",
+                       "trainer.packing=true"),
+            "packed-ppo-critic": ("algorithm=ppo", "trainer.packing=true"),
         }
         from tinyrl.models import load_policy
 
         start = load_policy(model_dir)[0].state_dict()
         out = {}
         for name, overrides in cases.items():
-            batch, prompts, responses, groups = global_batch(seed=len(out), with_values=name == "ppo-critic")
+            batch, prompts, responses, groups = global_batch(seed=len(out), with_values=name.endswith("ppo-critic"))
             mine = [0, 1, 2, 3, 4, 5] if world.rank == 0 else [6, 7]
             if name == "rank1-without-signal":
                 mine = [0, 1, 2, 3, 6, 7] if world.rank == 0 else [4, 5]  # rank 1: only a group without advantage

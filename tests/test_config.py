@@ -7,6 +7,7 @@ import pytest
 
 from tinyrl.compose import load_config
 from tinyrl.config import ConfigError, TrainConfig, to_config
+from tinyrl.preflight import preflight
 
 
 def test_default_experiment_composes_to_the_cpu_demo():
@@ -84,8 +85,6 @@ def test_cli_reports_a_bad_key_before_loading_anything(tmp_path):
 
 
 def test_vllm_engine_options_compose_and_are_checked():
-    from tinyrl.rollout.vllm import vllm_available
-
     overrides = ["rollout.engine=hf"]  # the engine options are checked whatever engine is chosen
     for bad, key in [
         ("rollout.layout=remote", "rollout.layout"),
@@ -100,16 +99,12 @@ def test_vllm_engine_options_compose_and_are_checked():
             load_config([*overrides, bad])
     with pytest.raises(ConfigError, match="rollout.sleep_level: applies to the colocated layout"):
         load_config([*overrides, "rollout.layout=server", "rollout.sleep_level=1"])
-    if vllm_available():
-        cfg = load_config(["rollout=vllm"])
-        assert cfg.rollout.engine == "vllm" and cfg.rollout.layout == "colocated"
+    cfg = load_config(["rollout=vllm"])  # the config alone: whether vLLM is installed is preflight's question
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.layout == "colocated"
 
 
 @pytest.mark.parametrize("experiment", ["countdown_grpo_qwen3b_server", "countdown_ppo_qwen3b_colocated"])
-def test_vllm_gpu_presets_compose_with_rollout_correction_on(experiment, monkeypatch):
-    import tinyrl.rollout.vllm as vllm_module
-
-    monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)  # the presets target GPU machines with vLLM
+def test_vllm_gpu_presets_compose_with_rollout_correction_on(experiment):
     cfg = load_config([f"experiment={experiment}"])
     assert cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "auto"
     assert cfg.algorithm.rollout_correction.rollout_is == "token"
@@ -121,8 +116,8 @@ def test_vllm_without_vllm_installed_fails_in_one_line_with_the_install_command(
 
     if vllm_available():
         pytest.skip("vLLM is installed here; the main CI venv (no vLLM) runs this")
-    with pytest.raises(ConfigError, match=r'rollout.engine: vllm is not installed; install it with: pip install "tinyrl\[vllm\]"'):
-        load_config(["rollout=vllm"])
+    with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs the module 'vllm'.*'tinyrl\[vllm\]'"):
+        preflight(load_config(["rollout=vllm"]))
     result = subprocess.run(
         [sys.executable, "-m", "tinyrl.train", "rollout=vllm", f"run_dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,

@@ -28,9 +28,10 @@ def test_default_experiment_shortened(tmp_path):
         assert key in summary
     assert summary["eval_problems"] == 40 and summary["rl_steps"] == 2
     assert 0.0 <= summary["accuracy_before_rl"] <= 1.0 and 0.0 <= summary["accuracy_after_rl"] <= 1.0
-    # the printed summary is the same
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
-    assert printed["accuracy_after_rl"] == summary["accuracy_after_rl"]
+    # the closing console lines give the same accuracies and point to the files to open
+    before, after = summary["accuracy_before_rl"], summary["accuracy_after_rl"]
+    assert f"held-out accuracy {before:.3f} -> {after:.3f}" in result.stdout
+    assert f"{run / 'curves.png'} and {run / 'samples.md'}" in result.stdout
     config = (run / "config.yaml").read_text()
     assert "path: null" in config and "enabled: true" in config  # tiny model built locally, distillation on
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -119,7 +119,8 @@ def test_full_weights_are_gathered_with_hugging_face_names_and_the_tied_head(che
 
 
 @pytest.mark.parametrize("case", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "kl-and-entropy",
-                                  "clipped", "checkpointing", "ppo-critic", "rank1-without-signal"])
+                                  "clipped", "checkpointing", "ppo-critic", "rank1-without-signal", "packed",
+                                  "packed-ppo-critic"])
 def test_two_ranks_take_the_gradient_of_the_whole_mini_batch(checks, case):
     result = _result(checks, "gradients")[case]
     assert result["moved"] > 5e-4  # SGD with lr 1 moved the weights by the (clipped) gradient itself

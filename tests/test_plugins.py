@@ -115,7 +115,7 @@ def test_training_on_the_plugin_task_by_name(plugin_venv, tmp_path, tiny_model_d
         "threads=1",
     ], tmp_path)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-4000:]
-    assert json.loads(trained.stdout[trained.stdout.index("{"):])["rl_steps"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["rl_steps"] == 2
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "reward/mean" in s]
     assert len(steps) == 2 and all(s["reward/errors"] == 0.0 for s in steps)

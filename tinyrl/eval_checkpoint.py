@@ -111,16 +111,69 @@ def write_eval_samples(run_dir, step: int, summary: dict, tokenizer, prompt_ids,
     return write_eval_results(run_dir, step, summary, prompts, [c.text for c in samples.completions], samples.rewards)
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    """`tinyrl-eval`: load `cfg.checkpoint`, build the task split, and evaluate (see conf/eval.yaml)."""
+# tinyrl-eval keys and the run config keys they default to for a checkpoint written by a run
+RUN_SETTINGS = {
+    "split": "task.eval_split",
+    "size": "task.eval_size",
+    "template": "model.template",
+    "max_prompt_tokens": "rollout.max_prompt_tokens",
+    "max_response_tokens": "rollout.max_response_tokens",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+}
+
+
+def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The run directory that wrote a model directory (`checkpoints/step_*/actor`, `sft_model`, `base_model`):
+    the nearest parent, at most three levels up, holding a training run's `config.yaml`."""
+    from omegaconf import OmegaConf
+
+    path = Path(checkpoint).resolve()
+    for candidate in list(path.parents)[:3]:
+        saved = candidate / "config.yaml"
+        if saved.is_file():
+            config = OmegaConf.load(saved)
+            if all(key in config for key in ("task", "rollout", "trainer")):
+                return candidate
+    return None
+
+
+def with_run_settings(cfg, overrides: Sequence[str] = ()):
+    """`cfg` (conf/eval.yaml) with the task and generation settings of the run that wrote `cfg.checkpoint`, except
+    the keys named in `overrides`; returns it and the run directory (None for a model no run wrote)."""
+    from omegaconf import OmegaConf
+
+    from tinyrl.compose import override_keys
+
+    run_dir = run_of_checkpoint(cfg.checkpoint)
+    if run_dir is None:
+        return cfg, None
+    given = override_keys(overrides)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if not any(key == "task" or key.startswith("task.") for key in given):
+        cfg.task = saved.task
+    for key, run_key in RUN_SETTINGS.items():
+        if key not in given:
+            cfg[key] = OmegaConf.select(saved, run_key, default=cfg[key])
+    return cfg, run_dir
+
+
+def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
+    """`tinyrl-eval`: load `cfg.checkpoint`, build the task split, and evaluate (see conf/eval.yaml).
+
+    A checkpoint written by a run is evaluated with that run's task and generation settings (`with_run_settings`);
+    the keys named in `overrides` (the command line's) win.
+    """
     import torch
 
+    from tinyrl.devices import resolve_device
     from tinyrl.models import load_policy
     from tinyrl.prompts import encode_prompts
     from tinyrl.rollout import make_engine
     from tinyrl.task import RewardScorer, get_task
-    from tinyrl.devices import resolve_device
 
+    cfg, run_dir = with_run_settings(cfg, overrides)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
@@ -134,8 +187,11 @@ def evaluate_checkpoint(cfg) -> dict:
     with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=timeout, **limits) as scorer:
         summary = evaluate_policy(
             engine, scorer, task, tokenizer, rows, prompt_ids, max_new_tokens=int(cfg.max_response_tokens),
-            pass_k=int(cfg.pass_k), temperature=float(cfg.temperature), seed=int(cfg.seed), run_dir=cfg.out, step=0,
+            pass_k=int(cfg.pass_k), temperature=float(cfg.temperature), top_p=float(cfg.top_p), seed=int(cfg.seed),
+            run_dir=cfg.out, step=0,
         )
     summary["checkpoint"] = str(cfg.checkpoint)
     summary["split"] = cfg.split
+    summary["settings_from"] = str(run_dir / "config.yaml") if run_dir is not None else None
+    summary["settings"] = {key: cfg[key] for key in RUN_SETTINGS} | {"task": cfg.task.name}
     return summary

@@ -1,45 +1,58 @@
 """A whole experiment from a config: `train(config)` and the stages it runs, one small function each.
 
-    prepare_run     the run directory, the checkpoint a resumed run continues from, the saved config
+    experiment_config the config the run runs (a dict over the packaged defaults; on resume, the run's own)
+    preflight       what cannot work on this machine fails here, before anything is written or loaded
     load_problems   the task and its training and held-out splits
+    prepare_run     the run directory (a used one is refused unless resuming), the checkpoint to continue from
     base_model      the model RL starts from before distillation (the tiny local model when `model.path` is null)
     starting_policy the policy RL starts from: a resumed checkpoint, a distilled model, or the base model
+    distil          the supervised warm start, checkpointed and resumable like RL
+    rl_trainer      the RL trainer, with a resumed run's state
     run_rl          evaluate, run RL steps (`RLTrainer.fit`), evaluate again
-    finish          the final checkpoint, `summary.json` and the curves
+    finish          the final checkpoint, `summary.json`, the curves and the closing console lines
 
 Under torchrun every rank runs `train`: rank 0 decides the run directory and what to resume and tells the
 others; rank 0 alone builds the tiny model, distils (the others wait, then load the distilled weights, so the
-distilled model is the one a single process makes) and writes records; RL runs on all ranks.
+distilled model is the one a single process makes), prints and writes records; RL runs on all ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import os
+import shutil
+import signal
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from tinyrl.checkpoint import load_checkpoint_state
-from tinyrl.config import TrainConfig, to_config
-from tinyrl.devices import resolve_dtype
+from tinyrl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from tinyrl.compose import config_from_dict
+from tinyrl.config import ConfigError, TrainConfig, to_config
+from tinyrl.console import Console, held_out_line, summary_lines
+from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import World, init_world
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, rewind_metrics
-from tinyrl.rundir import default_run_dir, resume_checkpoint, resume_target
+from tinyrl.metrics import MetricsWriter, Progress, rewind_metrics
+from tinyrl.preflight import preflight
+from tinyrl.rundir import (
+    CONFIG_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
+    resumed_config, resuming,
+)
 from tinyrl.task import get_task
 from tinyrl.trainer import RLTrainer
-
-log = logging.getLogger("tinyrl")
 
 # How long other ranks wait for work rank 0 does alone (building the tiny model, distillation). If rank 0
 # fails meanwhile, torchrun stops them at once.
 MAIN_ONLY_WAIT_S = 24 * 3600.0
+
 
 
 @dataclass
@@ -47,125 +60,158 @@ class Run:
     """Where a run writes and what it continues from."""
 
     dir: Path
-    checkpoint: Path | None  # the checkpoint a resumed run continues from
+    resuming: bool
+    checkpoint: Path | None  # the RL checkpoint a resumed run continues from
     state: dict | None  # that checkpoint's trainer state
 
 
 def train(config: TrainConfig | dict | Any) -> dict:
     """Run a whole experiment from a config (dataclass, dict or DictConfig); return the summary written to disk."""
-    cfg = to_config(config)
+    cfg = experiment_config(config)
+    preflight(cfg)
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     world = init_world(cfg.device, cfg.distributed.timeout_s)
     world.check_cpu_offload(cfg.distributed.cpu_offload)
-    with world.reporting_failures():
-        run = prepare_run(cfg, world)
-        task, train_rows, eval_rows = load_problems(cfg)
-        if run.state is not None and run.state["step"] >= cfg.trainer.steps:
-            return _already_finished(cfg, run, world)
-        base_path = base_model(cfg, run.dir, task, train_rows, world)
-        policy, tokenizer, summary, start_path = starting_policy(cfg, run, base_path, task, train_rows, world)
-        if run.state is not None and world.is_main:
-            rewind_metrics(run.dir, run.state["metrics_offset"])
-        trainer = RLTrainer.from_config(
-            cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
-            critic_path=run.checkpoint / "critic" if run.checkpoint is not None else None,
-            task=task, train_rows=train_rows, eval_rows=eval_rows,
-        )
-        if run.state is not None:
-            trainer.resume(run.checkpoint, run.state)
-        after = run_rl(trainer, summary)
-        return finish(cfg, trainer, summary, after, len(eval_rows), started)
+    console = Console(cfg.logging.progress and world.is_main)
+    task, train_rows, eval_rows = load_problems(cfg)
+    run = prepare_run(cfg, world, console)
+    try:
+        with world.reporting_failures():
+            if run.state is not None and run.state["step"] >= cfg.trainer.steps:
+                return _already_finished(cfg, run, world)
+            base_path = base_model(cfg, run.dir, task, train_rows, world, console)
+            policy, tokenizer, summary, start_path = starting_policy(
+                cfg, run, base_path, task, train_rows, world, console
+            )
+            trainer = rl_trainer(cfg, run, world, policy, tokenizer, start_path, task, train_rows, eval_rows)
+            after = run_rl(trainer, summary, eval_rows, console)
+            return finish(cfg, trainer, summary, after, len(eval_rows), started, console)
+    except KeyboardInterrupt as stop:
+        raise KeyboardInterrupt(
+            f"{stop or 'interrupted'}; to continue, rerun with run_dir={run.dir} resume=true"
+        ) from None
 
 
-def prepare_run(cfg: TrainConfig, world: World | None = None) -> Run:
-    """Decide the run directory and the checkpoint to resume from; save the config the run uses.
-
-    Rank 0 decides and writes; every rank gets its decision.
-    """
-    world = world or init_world(cfg.device, cfg.distributed.timeout_s)
-    decision = None
-    if world.is_main:
-        run_dir = resume_target(cfg) or default_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = resume_checkpoint(cfg, run_dir)
-        if checkpoint is not None and checkpoint.parent.parent != run_dir:
-            run_dir = checkpoint.parent.parent
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-        decision = Run(run_dir, checkpoint, state)
-    return world.broadcast(decision)
+def experiment_config(config: TrainConfig | Mapping | DictConfig) -> TrainConfig:
+    """The config `train` runs. A plain dict goes over the packaged defaults, as `tinyrl-train` composes them; a
+    `TrainConfig` or DictConfig is taken as complete. On resume, every key that differs from the run's saved
+    config must be safe to change mid-run (`tinyrl.rundir.SAFE_ON_RESUME`)."""
+    if isinstance(config, Mapping) and not isinstance(config, DictConfig):
+        return config_from_dict(config)
+    cfg = to_config(config)
+    resumed = resumed_config(OmegaConf.to_container(OmegaConf.structured(cfg)), None, None)
+    return to_config(resumed) if resumed is not None else cfg
 
 
 def load_problems(cfg: TrainConfig):
     """The task and its training and held-out problem sets (the same for every run seed: `task.data_seed`)."""
     task = get_task(cfg.task.name, **cfg.task.kwargs)
+    if cfg.sft.enabled and cfg.sft.traces_path is None and not hasattr(task, "demonstration"):
+        raise ConfigError(
+            f"sft.traces_path: task {cfg.task.name!r} has no demonstration() to distil from; pass "
+            f"sft.traces_path=traces.jsonl or sft.enabled=false"
+        )
     train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
     eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
     return task, train_rows, eval_rows
 
 
-def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], world: World | None = None) -> str:
+def prepare_run(cfg: TrainConfig, world: World, console: Console) -> Run:
+    """Decide the run directory and the checkpoint to resume from; save the config the run uses.
+
+    Rank 0 decides and writes; every rank gets its decision.
+    """
+    decision = None
+    if world.is_main:
+        run_dir = resume_target(cfg) or default_run_dir(cfg)
+        if not resuming(cfg.resume):
+            check_unused(run_dir)
+        else:
+            for change in changed_on_resume(run_dir, cfg):
+                console.say(f"resume: {change}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = resume_checkpoint(cfg, run_dir)
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+        verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
+        console.say(f"{verb}: {run_dir}")
+        decision = Run(run_dir, resuming(cfg.resume), checkpoint, state)
+    return world.broadcast(decision)
+
+
+def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], world: World,
+               console: Console) -> str:
     """`model.path`, or a tiny Qwen2 and tokenizer built in `run_dir/base_model` from the task's own text
     (by rank 0; the other ranks wait for it)."""
     from tinyrl.models import build_tiny_model
 
     if cfg.model.path is not None:
         return cfg.model.path
-    world = world or init_world(cfg.device, cfg.distributed.timeout_s)
     base_path = run_dir / "base_model"
     if world.is_main and not (base_path / "config.json").exists():
         corpus_rows = train_rows[: cfg.model.tiny.corpus_problems]
         demonstration = getattr(task, "demonstration", lambda row: None)
-        texts = [task.prompt(r) for r in corpus_rows] + [d for d in map(demonstration, corpus_rows) if d]
         tiny = cfg.model.tiny
-        build_tiny_model(
-            base_path, texts, vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
-            num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads, intermediate_size=tiny.intermediate_size,
-            max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
-            seed=cfg.seed,
-        )
+        with console.phase(f"building a tiny Qwen2 and its tokenizer from {len(corpus_rows)} training problems"):
+            texts = [task.prompt(r) for r in corpus_rows] + [d for d in map(demonstration, corpus_rows) if d]
+            build_tiny_model(
+                base_path, texts, vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
+                num_layers=tiny.num_layers, num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+                intermediate_size=tiny.intermediate_size,
+                max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
+                seed=cfg.seed,
+            )
     world.barrier("building the tiny model on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
     return str(base_path)
 
 
-def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict], world: World | None = None):
+def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict], world: World,
+                    console: Console):
     """The policy RL starts from, its tokenizer, the summary so far, and where reference and critic start.
 
     A resumed run continues from its checkpoint; a run whose distillation already finished reuses `sft_model/`;
-    otherwise the base model is loaded and, when `sft.enabled`, distilled first (on rank 0 alone: the other
-    ranks wait and then load what it saved).
+    otherwise the base model is loaded and, when `sft.enabled`, distilled first (on rank 0 alone, continuing
+    from a resumed run's distillation checkpoint; the other ranks wait and then load what it saved).
     """
     from tinyrl.models import load_policy
 
-    world = world or init_world(cfg.device, cfg.distributed.timeout_s)
-    device = world.load_device
+    attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
     sft_dir = run.dir / "sft_model"
     summary: dict[str, Any] = {}
+
+    def load(source: Path | str, device):
+        with console.phase(f"loading the policy from {source} on {device}"):
+            return load_policy(source, device=device, attn_implementation=attention)
+
     if run.checkpoint is not None:
-        policy, tokenizer = load_policy(run.checkpoint / "actor", device=device)
+        policy, tokenizer = load(run.checkpoint / "actor", world.load_device)
         summary.update(run.state.get("extra", {}).get("summary", {}))
     elif cfg.sft.enabled and (sft_dir / "config.json").exists():
-        policy, tokenizer = load_policy(sft_dir, device=device)
+        policy, tokenizer = load(sft_dir, world.load_device)
         summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
     elif cfg.sft.enabled:
         if world.is_main:
-            policy, tokenizer = load_policy(base_path, device=world.device)
-            summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows, world.device))
+            checkpoint = latest_checkpoint(run.dir / "sft") if run.resuming else None
+            policy, tokenizer = load(checkpoint / "actor" if checkpoint is not None else base_path, world.device)
+            summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows, world.device, checkpoint,
+                                  console))
         world.barrier("distillation on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
         if not world.is_main:
-            policy, tokenizer = load_policy(sft_dir, device=device)
+            policy, tokenizer = load_policy(sft_dir, device=world.load_device, attn_implementation=attention)
             summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
     else:
-        policy, tokenizer = load_policy(base_path, device=device)
+        policy, tokenizer = load(base_path, world.load_device)
     start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
     return policy, tokenizer, summary, start_path
 
 
-def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device) -> dict:
-    """Supervised warm start on teacher traces; saves `sft_model/` atomically and returns its summary."""
+def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device,
+           checkpoint: Path | None, console: Console) -> dict:
+    """Supervised warm start on teacher traces, continuing from `checkpoint` (in `run_dir/sft/checkpoints`) when
+    given; checkpoints every `sft.save_every` steps and on SIGTERM/SIGINT; saves `sft_model/` atomically."""
     from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
 
     if cfg.sft.traces_path:
@@ -173,42 +219,122 @@ def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows:
     else:
         pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
     examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
-    sft_log = MetricsWriter(run_dir / "sft")
-    summary = run_sft(
-        policy, examples, cfg.sft, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
-        dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-        log=sft_log.write,
-    )
-    sft_log.close()
+    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+    sft_run = run_dir / "sft"
+    if sft_run.is_dir():  # a resumed distillation: rows after its checkpoint are re-run
+        rewind_metrics(sft_run, state["metrics_offset"] if state is not None else 0)
+    sft_log = MetricsWriter(sft_run)
+
+    def save(step: int, sft_state: dict) -> None:
+        sft_state["metrics_offset"] = sft_log.offset()
+        save_checkpoint(sft_run, step, {"actor": policy}, tokenizer, sft_state, keep_last=1)
+
+    done = state["step"] if state is not None else 0
+    console.say(f"distillation: {len(examples)} teacher traces, {cfg.sft.steps} steps of {cfg.sft.batch_size}"
+                + (f", continuing after step {done}" if done else ""))
+    progress = None
+    if cfg.sft.steps:
+        progress = Progress(cfg.sft.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step")
+    try:
+        with _stop_requests() as stop:
+            summary = run_sft(
+                policy, examples, cfg.sft, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
+                dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                log=sft_log.write, log_every=min(50, max(1, cfg.sft.steps // 10)), progress=progress, state=state,
+                save=save, should_stop=lambda: stop["signal"] is not None,
+            )
+    finally:
+        sft_log.close()
+        if progress is not None:
+            progress.close()
     sft_dir, staging = run_dir / "sft_model", run_dir / "sft_model.tmp"
     policy.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     os.replace(staging, sft_dir)
     (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(sft_run / "checkpoints", ignore_errors=True)  # sft_model/ supersedes them
     return summary
 
 
-def run_rl(trainer: RLTrainer, summary: dict) -> dict:
-    """Evaluate the starting policy (once per run), run RL to `trainer.steps`, evaluate the result."""
+@contextmanager
+def _stop_requests():
+    """SIGTERM/SIGINT set `stop["signal"]` instead of interrupting, so the running step finishes and saves."""
+    stop: dict[str, int | None] = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def rl_trainer(cfg: TrainConfig, run: Run, world: World, policy, tokenizer, start_path: Path, task, train_rows,
+               eval_rows) -> RLTrainer:
+    """The RL trainer over the starting policy; a resumed run gets its checkpoint's state, and the metrics rows
+    written after that checkpoint are set aside."""
+    if run.state is not None and world.is_main:
+        rewind_metrics(run.dir, run.state["metrics_offset"])
+    trainer = RLTrainer.from_config(
+        cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
+        critic_path=run.checkpoint / "critic" if run.checkpoint is not None else None,
+        task=task, train_rows=train_rows, eval_rows=eval_rows,
+    )
+    if run.state is not None:
+        trainer.resume(run.checkpoint, run.state)
+    return trainer
+
+
+def run_rl(trainer: RLTrainer, summary: dict, eval_rows: list[dict], console: Console) -> dict:
+    """Evaluate the starting policy (once per run), run RL to `trainer.steps`, evaluate the result.
+
+    Every evaluation of a run is on the same held-out problems: a resumed run whose problems differ from those
+    measured before RL (a changed task) is refused rather than compared.
+    """
+    problems = _fingerprint(eval_rows)
+    if summary.get("eval_set", problems) != problems:
+        raise ConfigError(
+            "task: the held-out problems differ from those this run measured before RL (the task's code or data "
+            "changed?); start a new run to measure on them"
+        )
     try:
         if "accuracy_before_rl" not in summary:
-            before = trainer.evaluate(0)
-            summary["accuracy_before_rl"] = before["accuracy"]
-            summary["eval_before_rl"] = before
+            before = _evaluate(trainer, 0, "before RL", console)
+            summary.update(accuracy_before_rl=before["accuracy"], eval_before_rl=before, eval_set=problems)
             trainer.metrics.write(0, eval_metrics(before))
         trainer.extra_state["summary"] = summary
+        if trainer.cfg.trainer.steps > trainer.step_count:
+            t, left = trainer.cfg.trainer, trainer.cfg.trainer.steps - trainer.step_count
+            console.say(f"RL: {trainer.cfg.algorithm.name}, {left} step{'s' * (left != 1)} of {t.prompts_per_step} "
+                        f"prompts x {trainer.cfg.rollout.n} completions (train figures: the step's own samples)")
         trainer.fit()
         if trainer.step_count == 0:
             return summary["eval_before_rl"]  # no RL step: the policy is the one just measured
-        after = trainer.evaluate(trainer.step_count)
+        after = _evaluate(trainer, trainer.step_count, "after RL", console)
         trainer.metrics.write(trainer.step_count, eval_metrics(after))
         return after
     finally:
         trainer.scorer.close()
 
 
-def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int, started: float) -> dict:
-    """Write the final checkpoint, `summary.json` and `curves.png` (rank 0); return the summary."""
+def _evaluate(trainer: RLTrainer, step: int, when: str, console: Console) -> dict:
+    with console.phase(f"held-out evaluation {when} on {len(trainer.eval_rows)} problems") as ended:
+        result = trainer.evaluate(step)
+        ended(held_out_line(when, result))
+    return result
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int, started: float,
+           console: Console) -> dict:
+    """Write the final checkpoint, `summary.json` and `curves.png` (rank 0); print the closing lines; return the
+    summary."""
     summary.update(
         accuracy_after_rl=after["accuracy"],
         eval_after_rl=after,
@@ -228,6 +354,8 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
             from tinyrl.plots import plot_run
 
             plot_run(trainer.run_dir)
+    for line in summary_lines(summary):
+        console.say(line)
     return summary
 
 
@@ -236,7 +364,6 @@ def _already_finished(cfg: TrainConfig, run: Run, world: World) -> dict:
     message = f"run in {run.dir} already finished {run.state['step']} of {cfg.trainer.steps} steps; nothing to resume"
     result = None
     if world.is_main:
-        log.warning(message)
         print(message)
         result = json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
     return world.broadcast(result)

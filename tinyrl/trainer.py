@@ -18,15 +18,17 @@ import numpy as np
 import torch
 
 from tinyrl import algorithms
-from tinyrl.batch import RolloutBatch, build_batch, split_by_tokens
+from tinyrl.batch import RolloutBatch, build_batch
 from tinyrl.checkpoint import capture_rng, restore_rng
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
-from tinyrl.devices import resolve_dtype
+from tinyrl.console import held_out_line
+from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
 from tinyrl.eval_checkpoint import sample_eval, summarize_samples, write_eval_samples
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import MetricsWriter, NullWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
+from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, engine_options, make_engine
@@ -99,6 +101,14 @@ class RLTrainer:
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
         self.world.check_cpu_offload(cfg.distributed.cpu_offload)
+        # built before sharding: a vLLM engine starts from the full weights (under torchrun each rank starts its
+        # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
+        # `shard` changes in place
+        self.engine = engine or make_engine(
+            cfg.rollout.engine, policy, tokenizer,
+            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
+                             device=str(self.device), per_rank=self.world.sharded),
+        )
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
         self.policy = self.world.shard(policy, **shard_options)
         self.reference = self.world.shard(reference, **shard_options)
@@ -110,17 +120,12 @@ class RLTrainer:
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.train_prompts = encode_prompts(task, train_rows, tokenizer, template, max_prompt, "training")
         self.eval_prompts = encode_prompts(task, eval_rows, tokenizer, template, max_prompt, "evaluation")
-        if engine is None and cfg.rollout.engine == "vllm" and self.world.size > 1:
-            raise ValueError("rollout.engine=vllm runs in one training process for now; under torchrun use "
-                             "rollout=hf (one vLLM engine per rank is not wired into the trainer yet)")
-        self.engine = engine or make_engine(
-            cfg.rollout.engine, self.policy, tokenizer,
-            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
-                             device=str(self.device)),
-        )
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
+        # the micro-batch layout of the log-prob, value and update passes (None: padded)
+        models = [m for m in (self.policy, self.reference, self.critic) if m is not None]
+        self.packed_layout = layout_for(t.packing, models)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -165,6 +170,7 @@ class RLTrainer:
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
         world = world or init_world(cfg.device, cfg.distributed.timeout_s)
         device = world.load_device
+        attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
         # The frozen reference is stored in the compute dtype (half the memory of float32 on GPU).
         reference_dtype = resolve_dtype(cfg.model.dtype, world.device)
         reference_dtype = None if reference_dtype == torch.float32 else reference_dtype
@@ -177,15 +183,19 @@ class RLTrainer:
         if start_path is None:
             raise ValueError("model.path: RLTrainer.from_config needs a model path (or pass policy= and start_path=)")
         if policy is None:
-            policy, tokenizer = load_policy(start_path, device=device)
+            policy, tokenizer = load_policy(start_path, device=device, attn_implementation=attention)
         if cfg.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         reference = critic = None
         if uses_reference(cfg.algorithm):
-            reference, _ = load_policy(start_path, device=device, dtype=reference_dtype)
+            reference, _ = load_policy(
+                start_path, device=device, dtype=reference_dtype, attn_implementation=attention
+            )
             reference.requires_grad_(False).eval()
         if uses_critic(cfg.algorithm):
-            critic = load_critic(critic_path or cfg.model.critic_path or start_path, device=device)
+            critic = load_critic(
+                critic_path or cfg.model.critic_path or start_path, device=device, attn_implementation=attention
+            )
             if cfg.model.gradient_checkpointing:
                 critic.gradient_checkpointing_enable()
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
@@ -239,16 +249,20 @@ class RLTrainer:
                 else:
                     with self.world.gathered(self.policy):
                         batch.old_logprobs = batched_logprobs(
-                            self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                            self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                            self.packed_layout,
                         )
         if self.reference is not None:
             with self.timer.phase("ref_logprobs", step), self.world.gathered(self.reference):
                 batch.ref_logprobs = batched_logprobs(
-                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                    self.packed_layout,
                 )
         if self.critic is not None:
             with self.timer.phase("values", step), self.world.gathered(self.critic):
-                batch.values = batched_values(self.critic, batch, t.micro_batch_tokens, self.device, self.dtype)
+                batch.values = batched_values(
+                    self.critic, batch, t.micro_batch_tokens, self.device, self.dtype, self.packed_layout
+                )
 
         # 7. advantages
         with self.timer.phase("advantages", step):
@@ -479,7 +493,7 @@ class RLTrainer:
             totals["train/rows_with_signal"] = kept / seen
             if kept == 0:
                 return {**totals, "optim/skipped": 1.0}
-        micro = split_by_tokens(batch, rows, t.micro_batch_tokens) if rows else []
+        micro, packing = plan_micro_batches(batch, rows, t.micro_batch_tokens, self.packed_layout)
         passes = int(world.max(len(micro)))
         tokens = max(world.sum(float(batch.response_mask[rows].sum())), 1.0)
         want_entropy = True
@@ -492,7 +506,9 @@ class RLTrainer:
             mb = batch.select(micro[i]).to(self.device)
             weight = float(mb.response_mask.sum()) / tokens  # share of the mini-batch's tokens, for token means
             with autocast_for(self.device, self.dtype):
-                logprobs, entropy = token_logprobs(self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy)
+                logprobs, entropy = token_logprobs(
+                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing
+                )
                 if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
                     # The guard below skips this update (and stops a diverged run); the backward still runs
                     # so that this rank's passes stay in step with the other ranks'.
@@ -545,11 +561,11 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the critic's and the next rollout
         totals["optim/grad_norm"] = grad_norm
         if self.critic is not None:
-            totals.update(self._critic_step(batch, micro, passes, normalizer))
+            totals.update(self._critic_step(batch, micro, passes, normalizer, packing))
         return {**totals, **self._across_ranks(shares, peaks, lows)}
 
-    def _critic_step(self, batch, micro, passes: int, normalizer) -> dict[str, float]:
-        cfg, a, world = self.cfg, self.cfg.algorithm, self.world
+    def _critic_step(self, batch, micro, passes: int, normalizer, packing=None) -> dict[str, float]:
+        a, world = self.cfg.algorithm, self.world
         self.critic.train()
         self.critic_optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -559,7 +575,7 @@ class RLTrainer:
                 continue
             mb = batch.select(micro[i]).to(self.device)
             with autocast_for(self.device, self.dtype):
-                values = token_values(self.critic, mb)
+                values = token_values(self.critic, mb, packing=packing)
                 loss, _ = algorithms.value_loss(
                     values, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, agg=a.loss_agg,
                     normalizer=normalizer,
@@ -773,19 +789,26 @@ class RLTrainer:
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         show_progress = self.cfg.logging.progress and self.world.is_main
-        progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress) if t.steps else None
+        progress = None
+        if t.steps > self.step_count:
+            progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress, label="RL step")
         try:
             with self.world.reporting_failures():
                 while self.step_count < t.steps:
                     metrics = self.step()
                     step = self.step_count
+                    held_out = None
                     if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                         with self.timer.phase("evaluate", step):
-                            metrics.update(eval_metrics(self.evaluate(step)))
+                            held_out = self.evaluate(step)
+                        metrics.update(eval_metrics(held_out))
                     metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
                     self.metrics.write(step, metrics)
                     if progress is not None:
-                        progress.update(step, {"reward": metrics.get("reward/mean", 0.0), "acc": metrics.get("reward/accuracy", 0.0)})
+                        progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
+                                               "train acc": metrics.get("reward/accuracy", 0.0)})
+                        if held_out is not None:
+                            progress.note(held_out_line(f"at RL step {step}", held_out))
                     # every rank stops at the same step, whichever received the signal
                     stop = self.world.max(stop_requested["signal"] is not None) > 0
                     if (t.save_every and step % t.save_every == 0) or stop:
@@ -796,6 +819,8 @@ class RLTrainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
 
 
 def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -28,9 +28,10 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; choose 'hf' or 'vllm'")
 
 
-def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu") -> dict:
+def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu", per_rank: bool = False) -> dict:
     """`make_engine` options from a `RolloutConfig`; `dtype` and `device` are the trainer's (`dtype` is used when
-    `rollout.dtype` is auto; `device` is where a server engine's NCCL weight broadcast starts from).
+    `rollout.dtype` is auto; `device` is where a server engine's NCCL weight broadcast starts from). `per_rank`:
+    the trainer runs under torchrun, and a colocated vLLM engine joins it as one engine per rank.
     """
     if rollout.engine == "hf":
         return {"batch_size": rollout.batch_size}
@@ -46,4 +47,6 @@ def engine_options(rollout, *, dtype: str, seed: int, device: str = "cpu") -> di
     if rollout.layout == "server":
         return dict(layout="server", server_url=rollout.server_url, weight_sync=rollout.weight_sync,
                     server_devices=rollout.server_devices, timeout_s=rollout.timeout_s, device=device, **options)
+    if per_rank:
+        options["distributed_executor_backend"] = "external_launcher"
     return dict(layout="colocated", seed=seed, sleep_level=rollout.sleep_level, **options)
