@@ -78,8 +78,8 @@ def _run_training(overrides: Sequence[str], config_name: str) -> None:
     train(config)
 
 
-def _run_training(cfg: DictConfig, prog: str) -> dict:
-    """Run the experiment; a bad config value or failing rewards end the command with a one-line message."""
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
+def _train(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
 
     with _reported("tinyrl-train"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 from functools import reduce
 from pathlib import Path
@@ -104,11 +105,7 @@ class RLTrainer:
         # built before sharding: a vLLM engine starts from the full weights (under torchrun each rank starts its
         # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
         # `shard` changes in place
-        self.engine = engine or make_engine(
-            cfg.rollout.engine, policy, tokenizer,
-            **engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
-                             device=str(self.device), per_rank=self.world.sharded),
-        )
+        self.engine = engine or self._start_engine(policy, tokenizer)
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
         self.policy = self.world.shard(policy, **shard_options)
         self.reference = self.world.shard(reference, **shard_options)
@@ -200,6 +197,27 @@ class RLTrainer:
                 critic.gradient_checkpointing_enable()
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
                    world=world)
+
+    def _start_engine(self, policy, tokenizer):
+        """The rollout engine of `cfg.rollout`, started from the full (not yet sharded) policy. Under torchrun
+        every rank's vLLM engine must start from one checkpoint directory: rank 0 writes it into the run
+        directory (shared by all nodes, as for `sft_model/`) and removes it once every engine has loaded it."""
+        cfg = self.cfg
+        options = engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
+                                 device=str(self.device), per_rank=self.world.sharded)
+        if options.get("distributed_executor_backend") != "external_launcher":
+            return make_engine(cfg.rollout.engine, policy, tokenizer, **options)
+        start = self.run_dir / ".vllm_start_model"
+        if self.world.is_main:
+            shutil.rmtree(start, ignore_errors=True)
+            policy.save_pretrained(start)
+            tokenizer.save_pretrained(start)
+        self.world.barrier("writing the vLLM start weights on rank 0")
+        engine = make_engine(cfg.rollout.engine, policy, tokenizer, model_path=start, **options)
+        self.world.barrier("starting a vLLM engine on every rank")
+        if self.world.is_main:
+            shutil.rmtree(start)
+        return engine
 
     def close(self) -> None:
         """Stop the reward workers and the rollout engine, and flush the metrics sinks."""
