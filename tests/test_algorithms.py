@@ -915,6 +915,8 @@ PUBLIC_NAMES = {
     "load_preset", "logprobs_from_logits", "loss_normalizer", "masked_mean", "masked_whiten", "overlong_penalty",
     "policy_loss", "register_advantage_estimator", "register_policy_loss", "token_rewards_from_outcome",
     "validate_preset", "value_loss",
+    "ROLLOUT_IS_LEVELS", "ROLLOUT_RS_LEVELS", "rollout_correction_weights", "rollout_log_ratio",
+    "rollout_mismatch_metrics",
 }
 
 

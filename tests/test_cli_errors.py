@@ -103,11 +103,8 @@ def test_the_vllm_engine_is_checked_before_anything_loads(tmp_path):
         with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs the module 'vllm'.*'tinyrl\[vllm\]'"):
             train(cfg)
         assert not (tmp_path / "run").exists()
-    elif importlib.util.find_spec("tinyrl.rollout.vllm") is None:
-        with pytest.raises(ConfigError, match="no vLLM engine"):
-            preflight(cfg)
     else:
-        preflight(cfg)  # both importable: nothing to refuse
+        preflight(cfg)  # importable: nothing to refuse
 
 
 def test_an_uncached_hub_model_offline_fails_at_once_saying_what_to_pass(tmp_path):

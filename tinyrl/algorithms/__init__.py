@@ -16,6 +16,7 @@ One module per family; every public name is importable from `tinyrl.algorithms` 
 - `masked`: masked mean and whitening
 - `logprobs`: chunked log-probs and entropy from logits
 - `presets`: the shipped algorithm presets (conf/algorithm/*.yaml)
+- `rollout_correction`: rollout/training mismatch metrics, truncated importance sampling, sequence rejection
 
 Behaviour on awkward input (each one tested):
 
@@ -71,6 +72,13 @@ from .policy_losses import (
 )
 from .presets import OVERLONG_MODES, PRESET_KEYS, available_presets, load_preset, validate_preset
 from .rewards import overlong_penalty, token_rewards_from_outcome
+from .rollout_correction import (
+    ROLLOUT_IS_LEVELS,
+    ROLLOUT_RS_LEVELS,
+    rollout_correction_weights,
+    rollout_log_ratio,
+    rollout_mismatch_metrics,
+)
 from .value import value_loss
 
 __all__ = [
@@ -100,6 +108,11 @@ __all__ = [
     "policy_loss",
     "register_advantage_estimator",
     "register_policy_loss",
+    "ROLLOUT_IS_LEVELS",
+    "ROLLOUT_RS_LEVELS",
+    "rollout_correction_weights",
+    "rollout_log_ratio",
+    "rollout_mismatch_metrics",
     "token_rewards_from_outcome",
     "validate_preset",
     "value_loss",

@@ -134,15 +134,18 @@ def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> N
 
 def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor,
                 response_mask: Tensor, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                agg: str = "token-mean", **options: object) -> tuple[Tensor, dict[str, float]]:
+                agg: str = "token-mean", token_weights: Tensor | None = None,
+                **options: object) -> tuple[Tensor, dict[str, float]]:
     """The policy loss `kind` (ppo | gspo | cispo | reinforce | registered), aggregated with `agg`.
 
     Returns `(loss, metrics)`: `loss` a 0-dim tensor to minimise; `metrics` python floats averaged over the
     response tokens: `clip_frac_low`, `clip_frac_high` (tokens whose clipping removed the gradient; for
     cispo, whose weight was clipped), `clip_frac_dual` (when dual clipping is on), `approx_kl` (Schulman's
     k3 estimate of KL(pi_old || pi): mean of r - 1 - log r), `ratio_mean`, `ratio_max`, `ratio_min`.
-    `old_logprobs=None` means exactly on-policy (old = logprobs.detach()). Options: `normalizer=` (see
-    `loss_normalizer`) and any option a registered loss declares.
+    `old_logprobs=None` means exactly on-policy (old = logprobs.detach()). `token_weights` ([B, T], detached)
+    multiply the per-token loss before aggregation: loss = agg(w_t * l_t), e.g. the rollout-correction
+    weights of `rollout_correction_weights`. Options: `normalizer=` (see `loss_normalizer`) and any option a
+    registered loss declares.
     """
     fn = _lookup(POLICY_LOSSES, kind, "policy loss")
     _lookup(AGG_MODES, agg, "aggregation mode")
@@ -167,6 +170,10 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor | None, advant
     advantages = _zero_outside(advantages.to(logprobs.dtype).detach(), mask)
     call = {"clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip, **options}
     loss_mat, token_stats = fn(logprobs, old_logprobs, advantages, mask, **_supported_kwargs(fn, call))
+    if token_weights is not None:
+        _check_shape("token_weights", token_weights, mask.shape)
+        _check_values("token_weights", token_weights, mask)
+        loss_mat = loss_mat * _zero_outside(token_weights.detach().to(loss_mat.dtype), mask)
     loss = aggregate(loss_mat, mask, agg, normalizer)
 
     with torch.no_grad():

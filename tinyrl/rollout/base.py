@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,29 @@ class RolloutEngine(Protocol):
     def update_weights(self, model) -> None:
         """Make the engine sample from the current weights of `model`."""
         ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """Make the engine sample from these weights: full (unsharded) tensors under Hugging Face names,
+        `lm_head.weight` included even when tied, consumed one at a time. Engines that sample from the training
+        model object itself (`shares_policy_weights = True`) never need it."""
+        ...
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without touching the caller's random streams: Python's, NumPy's, torch's CPU and CUDA
+    generators are saved before and put back after (an in-process vLLM engine reseeds and draws from them)."""
+    from tinyrl.checkpoint import capture_rng, restore_rng
+
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def policy_named_tensors(model) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """A one-process model's weights as `(hf_name, tensor)` pairs for `load_weights`, `lm_head.weight` included
+    when tied (`state_dict` keeps both names of a shared tensor; `named_parameters` and checkpoints drop one)."""
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.detach()

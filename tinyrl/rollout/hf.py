@@ -34,6 +34,13 @@ class HFEngine:
         self.model = model
 
     @torch.no_grad()
+    def load_weights(self, named_tensors) -> None:
+        """Copy `(hf_name, tensor)` pairs into the model this engine samples from, one at a time."""
+        own = self.model.state_dict()
+        for name, tensor in named_tensors:
+            own[name].copy_(tensor)
+
+    @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
         requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
         out: list[Completion] = []

