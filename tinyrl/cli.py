@@ -21,6 +21,29 @@ CONFIG_PATH = "pkg://tinyrl.conf"
 def _print_summary(summary: dict) -> None:
     keys = ["accuracy_before_rl", "accuracy_after_rl", "eval_problems", "rl_steps", "wall_seconds", "run_dir"]
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    for line in summary_lines(summary):
+        print(line)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What a run did, in plain words: accuracy before -> after RL, the baseline if measured, the run directory."""
+    if "accuracy_after_rl" not in summary:
+        return [summary.get("message", "")]
+    before, after = summary["accuracy_before_rl"], summary["accuracy_after_rl"]
+    start = "after distillation" if "sft_steps" in summary else "before RL"
+    lines = [
+        f"Greedy accuracy on {summary.get('eval_problems', '?')} held-out problems: {before:.3f} {start} -> "
+        f"{after:.3f} after {summary.get('rl_steps', 0)} RL steps ({100 * (after - before):+.1f} points), "
+        f"{summary.get('wall_seconds', 0.0):.0f} s."
+    ]
+    baseline = summary.get("baseline")
+    if baseline:
+        lines.append(
+            f"Best distillation-only baseline in the RL phase's time ({baseline['best']}): "
+            f"{baseline['best_accuracy']:.3f}; RL is {100 * baseline['rl_gain_over_best']:+.1f} points over it."
+        )
+    lines.append(f"Results in {summary.get('run_dir', '?')}/ (summary.json, curves.png, samples.md)")
+    return lines
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)

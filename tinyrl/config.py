@@ -113,6 +113,23 @@ class SFTConfig:
 
 
 @dataclass
+class BaselineArm:
+    """One distillation-only arm: the teacher's traces it distils and where it starts."""
+
+    name: str = "continued distillation"
+    task_kwargs: dict = field(default_factory=dict)  # overrides of task.kwargs for the teacher (e.g. trace_misses: 0)
+    start: str = "distilled"  # distilled: sft_model + the RL phase's seconds; base: base model + distillation and RL's
+
+
+@dataclass
+class BaselineConfig:
+    """Distillation-only arms run after the RL arm, each given the distillation it could have had in RL's time."""
+
+    enabled: bool = False
+    arms: list[BaselineArm] = field(default_factory=lambda: [BaselineArm()])
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # RL steps
     prompts_per_step: int = 64
@@ -152,6 +169,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -254,6 +272,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
     _validate_algorithm(a)
+    _validate_baseline(cfg)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -293,6 +312,18 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
+
+
+def _validate_baseline(cfg: TrainConfig) -> None:
+    b = cfg.baseline
+    if not b.enabled:
+        return
+    _check(cfg.sft.enabled, "baseline.enabled", "needs sft.enabled: the arms are priced in distillation steps")
+    _check(cfg.sft.traces_path is None, "baseline.enabled", "needs the task's own teacher (sft.traces_path null)")
+    _check(bool(b.arms), "baseline.arms", "must list at least one arm")
+    for i, arm in enumerate(b.arms):
+        _check(arm.start in ("distilled", "base"), f"baseline.arms[{i}].start",
+               f"must be 'distilled' or 'base', got {arm.start!r}")
 
 
 def _looks_local(path: str) -> bool:

@@ -6,6 +6,7 @@
     starting_policy the policy RL starts from: a resumed checkpoint, a distilled model, or the base model
     run_rl          evaluate, run RL steps (`RLTrainer.fit`), evaluate again
     finish          the final checkpoint, `summary.json` and the curves
+    distillation_baselines  (when `baseline.enabled`) distillation-only arms given the RL phase's seconds
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from tinyrl.checkpoint import load_checkpoint_state
 from tinyrl.config import TrainConfig, to_config
 from tinyrl.devices import resolve_device, resolve_dtype
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, rewind_metrics
+from tinyrl.metrics import MetricsWriter, read_metrics, rewind_metrics
 from tinyrl.rundir import default_run_dir, resume_checkpoint, resume_target
 from tinyrl.task import get_task
 from tinyrl.trainer import RLTrainer
@@ -51,9 +53,12 @@ def train(config: TrainConfig | dict | Any) -> dict:
     torch.manual_seed(cfg.seed)
     run = prepare_run(cfg)
     task, train_rows, eval_rows = load_problems(cfg)
-    if run.state is not None and run.state["step"] >= cfg.trainer.steps:
-        return _already_finished(cfg, run)
     base_path = base_model(cfg, run.dir, task, train_rows)
+    if run.state is not None and run.state["step"] >= cfg.trainer.steps:
+        summary = _already_finished(cfg, run)
+        if cfg.baseline.enabled and "wall_seconds" in summary and "baseline" not in summary:
+            summary = distillation_baselines(cfg, run.dir, base_path, task, train_rows, eval_rows, summary)
+        return summary
     policy, tokenizer, summary, start_path = starting_policy(cfg, run, base_path, task, train_rows)
     trainer = RLTrainer.from_config(
         cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
@@ -66,7 +71,10 @@ def train(config: TrainConfig | dict | Any) -> dict:
         trainer.metrics = MetricsWriter(run.dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
         trainer.load_state_dict(run.state)
     after = run_rl(trainer, summary)
-    return finish(cfg, trainer, summary, after, len(eval_rows), started)
+    summary = finish(cfg, trainer, summary, after, len(eval_rows), started)
+    if cfg.baseline.enabled:
+        summary = distillation_baselines(cfg, run.dir, base_path, task, train_rows, eval_rows, summary)
+    return summary
 
 
 def prepare_run(cfg: TrainConfig) -> Run:
@@ -135,8 +143,12 @@ def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows
     return policy, tokenizer, summary, start_path
 
 
-def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict]) -> dict:
-    """Supervised warm start on teacher traces; saves `sft_model/` atomically and returns its summary."""
+def distil(
+    cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], *, steps: int | None = None,
+    out_name: str = "sft_model", log_name: str = "sft",
+) -> dict:
+    """Supervised warm start on teacher traces (`steps`, default `sft.steps`); saves `run_dir/out_name/`
+    atomically and returns its summary (also written to `run_dir/sft_summary.json` for the main model)."""
     from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
 
     device = resolve_device(cfg.device)
@@ -145,18 +157,21 @@ def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows:
     else:
         pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
     examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
-    sft_log = MetricsWriter(run_dir / "sft")
+    out_dir, staging = run_dir / out_name, run_dir / f"{out_name}.tmp"
+    sft_log = MetricsWriter(run_dir / log_name)
     summary = run_sft(
-        policy, examples, cfg.sft, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
-        dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-        log=sft_log.write,
+        policy, examples, replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps), pad_id=tokenizer.pad_token_id,
+        seed=cfg.seed, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
+        micro_batch_tokens=cfg.trainer.micro_batch_tokens, log=sft_log.write,
     )
     sft_log.close()
-    sft_dir, staging = run_dir / "sft_model", run_dir / "sft_model.tmp"
     policy.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    os.replace(staging, sft_dir)
-    (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    if out_name == "sft_model":
+        (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -193,12 +208,75 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
     trainer.extra_state["summary"] = summary
     trainer.save()
     trainer.close()
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_summary(trainer.run_dir, summary)
     if cfg.logging.plot:
         from tinyrl.plots import plot_run
 
         plot_run(trainer.run_dir)
     return summary
+
+
+def rl_phase_seconds(run_dir: Path) -> float:
+    """Seconds the RL steps took, from `metrics.jsonl`: every phase of every step except evaluation."""
+    steps = [row for row in read_metrics(run_dir) if "reward/mean" in row]
+    return sum(v or 0.0 for row in steps for k, v in row.items() if k.startswith("time/") and k != "time/evaluate")
+
+
+def distillation_baselines(
+    cfg: TrainConfig, run_dir: Path, base_path: str, task, train_rows: list[dict], eval_rows: list[dict], summary: dict
+) -> dict:
+    """Distillation-only arms in the RL arm's time, greedy-evaluated on the same held-out problems.
+
+    Each arm of `baseline.arms` distils with its own teacher (`task.kwargs` updated by the arm's `task_kwargs`) on
+    the same training problems: from `sft_model/` for as many distillation steps as the RL phase's seconds buy at
+    the measured seconds per distillation step (`start: distilled`), or from the base model for the distillation
+    steps plus those (`start: base`). Results go into `summary.json` under `baseline`; models under `baselines/`.
+    """
+    from tinyrl.eval_checkpoint import evaluate_policy
+    from tinyrl.models import load_policy
+    from tinyrl.prompts import encode_prompts
+    from tinyrl.rollout import make_engine
+    from tinyrl.task import RewardScorer
+
+    device = resolve_device(cfg.device)
+    rl_seconds = rl_phase_seconds(run_dir)
+    per_step = summary["sft_seconds"] / max(1, summary["sft_steps"])
+    extra_steps = max(1, round(rl_seconds / per_step))
+    arms = []
+    with RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s) as scorer:
+        for i, arm in enumerate(cfg.baseline.arms):
+            teacher = get_task(cfg.task.name, **{**cfg.task.kwargs, **arm.task_kwargs})
+            start = run_dir / "sft_model" if arm.start == "distilled" else Path(base_path)
+            steps = extra_steps if arm.start == "distilled" else summary["sft_steps"] + extra_steps
+            policy, tokenizer = load_policy(start, device=device)
+            name = f"baselines/arm{i}"
+            (run_dir / "baselines").mkdir(exist_ok=True)
+            trained = distil(cfg, run_dir, policy, tokenizer, teacher, train_rows, steps=steps, out_name=name,
+                            log_name=f"{name}_sft")
+            prompts = encode_prompts(task, eval_rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens,
+                                     "evaluation")
+            engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout.batch_size)
+            result = evaluate_policy(
+                engine, scorer, task, tokenizer, eval_rows, prompts, max_new_tokens=cfg.rollout.max_response_tokens,
+                run_dir=run_dir / name, step=steps,
+            )
+            arms.append({"name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps,
+                         "sft_seconds": trained["sft_seconds"], "accuracy": result["accuracy"], "eval": result})
+            log.info("baseline %r: %d distillation steps, accuracy %.3f", arm.name, steps, result["accuracy"])
+    best = max(arms, key=lambda a: a["accuracy"])
+    summary["baseline"] = {
+        "rl_seconds": rl_seconds, "sft_seconds_per_step": per_step, "extra_steps": extra_steps, "arms": arms,
+        "best": best["name"], "best_accuracy": best["accuracy"],
+        "rl_gain_over_best": summary["accuracy_after_rl"] - best["accuracy"],
+    }
+    _write_summary(run_dir, summary)
+    return summary
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    staging = run_dir / "summary.json.tmp"
+    staging.write_text(json.dumps(summary, indent=2))
+    os.replace(staging, run_dir / "summary.json")
 
 
 def _already_finished(cfg: TrainConfig, run: Run) -> dict:
