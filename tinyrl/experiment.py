@@ -203,6 +203,7 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
         eval_split=cfg.task.eval_split,
         rl_steps=trainer.step_count,
         wall_seconds=summary.get("wall_seconds", 0.0) + (time.perf_counter() - started),
+        cpu_seconds=_cpu_seconds(),
         run_dir=str(trainer.run_dir),
     )
     trainer.extra_state["summary"] = summary
@@ -217,9 +218,10 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
 
 
 def rl_phase_seconds(run_dir: Path) -> float:
-    """Seconds the RL steps took, from `metrics.jsonl`: every phase of every step except evaluation."""
-    steps = [row for row in read_metrics(run_dir) if "reward/mean" in row]
-    return sum(v or 0.0 for row in steps for k, v in row.items() if k.startswith("time/") and k != "time/evaluate")
+    """Seconds the RL steps took, from `metrics.jsonl`: every phase of every step except evaluation (the last row
+    of each step counts, should a step have been written twice)."""
+    steps = {row["step"]: row for row in read_metrics(run_dir) if "reward/mean" in row}
+    return sum(v or 0.0 for row in steps.values() for k, v in row.items() if k.startswith("time/") and k != "time/evaluate")
 
 
 def distillation_baselines(
@@ -230,47 +232,76 @@ def distillation_baselines(
     Each arm of `baseline.arms` distils with its own teacher (`task.kwargs` updated by the arm's `task_kwargs`) on
     the same training problems: from `sft_model/` for as many distillation steps as the RL phase's seconds buy at
     the measured seconds per distillation step (`start: distilled`), or from the base model for the distillation
-    steps plus those (`start: base`). Results go into `summary.json` under `baseline`; models under `baselines/`.
+    steps plus those (`start: base`). The RL arm's final policy is answered again on the same problems, so each
+    arm's gap to it comes with the standard error of a paired difference: se = std(d_i) / sqrt(n), d_i = c_rl,i -
+    c_arm,i for per-problem correctness c. Results go into `summary.json` under `baseline`; models under `baselines/`.
     """
-    from tinyrl.eval_checkpoint import evaluate_policy
+    from tinyrl.checkpoint import latest_checkpoint
     from tinyrl.models import load_policy
-    from tinyrl.prompts import encode_prompts
-    from tinyrl.rollout import make_engine
     from tinyrl.task import RewardScorer
 
     device = resolve_device(cfg.device)
     rl_seconds = rl_phase_seconds(run_dir)
     per_step = summary["sft_seconds"] / max(1, summary["sft_steps"])
     extra_steps = max(1, round(rl_seconds / per_step))
+    (run_dir / "baselines").mkdir(exist_ok=True)
     arms = []
     with RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s) as scorer:
+        final, _ = load_policy(latest_checkpoint(run_dir) / "actor", device=device)
+        rl_correct = _greedy_correct(cfg, final, load_policy(run_dir / "sft_model")[1], task, eval_rows, scorer)
         for i, arm in enumerate(cfg.baseline.arms):
             teacher = get_task(cfg.task.name, **{**cfg.task.kwargs, **arm.task_kwargs})
             start = run_dir / "sft_model" if arm.start == "distilled" else Path(base_path)
             steps = extra_steps if arm.start == "distilled" else summary["sft_steps"] + extra_steps
             policy, tokenizer = load_policy(start, device=device)
             name = f"baselines/arm{i}"
-            (run_dir / "baselines").mkdir(exist_ok=True)
             trained = distil(cfg, run_dir, policy, tokenizer, teacher, train_rows, steps=steps, out_name=name,
-                            log_name=f"{name}_sft")
-            prompts = encode_prompts(task, eval_rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens,
-                                     "evaluation")
-            engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout.batch_size)
-            result = evaluate_policy(
-                engine, scorer, task, tokenizer, eval_rows, prompts, max_new_tokens=cfg.rollout.max_response_tokens,
-                run_dir=run_dir / name, step=steps,
-            )
-            arms.append({"name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps,
-                         "sft_seconds": trained["sft_seconds"], "accuracy": result["accuracy"], "eval": result})
-            log.info("baseline %r: %d distillation steps, accuracy %.3f", arm.name, steps, result["accuracy"])
+                             log_name=f"{name}_sft")
+            correct = _greedy_correct(cfg, policy, tokenizer, task, eval_rows, scorer)
+            diffs = [float(a) - float(b) for a, b in zip(rl_correct, correct)]
+            arms.append({
+                "name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps,
+                "sft_seconds": trained["sft_seconds"], "accuracy": sum(correct) / len(correct),
+                "rl_gain": sum(diffs) / len(diffs), "rl_gain_se": _standard_error(diffs),
+            })
+            log.info("baseline %r: %d distillation steps, accuracy %.3f", arm.name, steps, arms[-1]["accuracy"])
     best = max(arms, key=lambda a: a["accuracy"])
     summary["baseline"] = {
         "rl_seconds": rl_seconds, "sft_seconds_per_step": per_step, "extra_steps": extra_steps, "arms": arms,
-        "best": best["name"], "best_accuracy": best["accuracy"],
-        "rl_gain_over_best": summary["accuracy_after_rl"] - best["accuracy"],
+        "rl_accuracy_rechecked": sum(rl_correct) / len(rl_correct), "best": best["name"],
+        "best_accuracy": best["accuracy"], "rl_gain_over_best": best["rl_gain"], "rl_gain_over_best_se": best["rl_gain_se"],
     }
     _write_summary(run_dir, summary)
     return summary
+
+
+def _greedy_correct(cfg: TrainConfig, policy, tokenizer, task, rows: list[dict], scorer) -> list[bool]:
+    """Whether each held-out problem's greedy answer is right, as the RL arm's evaluation decodes it."""
+    from tinyrl.prompts import encode_prompts
+    from tinyrl.rollout import SamplingConfig, make_engine
+
+    prompts = encode_prompts(task, rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens, "evaluation")
+    engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout.batch_size)
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_response_tokens, temperature=0.0,
+                            stop=tuple(getattr(task, "stop", ())))
+    completions = engine.generate(prompts, greedy)
+    return [r.correct for r in scorer.score([c.text for c in completions], list(rows))]
+
+
+def _standard_error(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (reward workers) so far."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _write_summary(run_dir: Path, summary: dict) -> None:
