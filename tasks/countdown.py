@@ -335,13 +335,25 @@ def _failed_attempt(rng: random.Random, numbers: Sequence[int], target: int) -> 
     return None
 
 
-def _trace_and_expression(numbers: Sequence[int], target: int, max_misses: int = 2) -> tuple[str, str] | None:
+def _miss_count(rng: random.Random, max_misses: int, miss_chance: float | None) -> int:
+    """0..max_misses, uniform when `miss_chance` is None; else another miss follows with chance `miss_chance`."""
+    if miss_chance is None:
+        return rng.randrange(max_misses + 1)
+    count = 0
+    while count < max_misses and rng.random() < miss_chance:
+        count += 1
+    return count
+
+
+def _trace_and_expression(
+    numbers: Sequence[int], target: int, max_misses: int = 2, miss_chance: float | None = None
+) -> tuple[str, str] | None:
     tree = _solve_tree(numbers, target)
     if tree is None:
         return None
     rng = random.Random(_stable_int(f"trace|{sorted(numbers)}|{target}"))
     lines = []
-    for _ in range(rng.randrange(max_misses + 1)):  # 0..max_misses misses before the solution, fixed per problem
+    for _ in range(_miss_count(rng, max_misses, miss_chance)):  # misses before the solution, fixed per problem
         miss = _failed_attempt(rng, numbers, target)
         if miss:
             lines.append(miss)
@@ -584,6 +596,9 @@ class Countdown:
     max_nesting: int = 16
     prompt_style: str = "prose"  # prose: the User/Assistant template; compact: one short line (tiny CPU models)
     trace_misses: int = 2  # at most this many failed attempts before the solution in teacher traces
+    # null: 0..trace_misses misses, uniformly; p: after each attempt another miss follows with chance p (so the
+    # chance that the next attempt is the solution does not grow with the attempts already made)
+    trace_miss_chance: float | None = None
 
     def __post_init__(self) -> None:
         def need_int(arg: str, low: int, high: int) -> None:
@@ -600,6 +615,9 @@ class Countdown:
         need_int("max_answer_chars", 8, 100_000)
         need_int("max_nesting", 1, 100)
         need_int("trace_misses", 0, 5)
+        chance = self.trace_miss_chance
+        if chance is not None and (isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance < 1):
+            raise ValueError(f"Countdown: trace_miss_chance must be null or a number in [0, 1), got {chance!r}")
         if self.prompt_style not in ("prose", "compact"):
             raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
         if not isinstance(self.use_all_numbers, bool):
@@ -778,7 +796,7 @@ class Countdown:
     def demonstration(self, row: dict) -> str | None:
         """A teacher completion continuing ``prompt(row)``: a short search, then the answer; None if unsolvable."""
         numbers, target = self._row(row)
-        found = _trace_and_expression(numbers, target, self.trace_misses)
+        found = _trace_and_expression(numbers, target, self.trace_misses, self.trace_miss_chance)
         if found is None:
             return None
         trace, expression = found
