@@ -405,6 +405,22 @@ def test_miss_counts_follow_the_chosen_distribution():
         assert len({d.split("<answer>")[1] for d in demos}) == 1 and all(CD.reward(d, row).correct for d in demos)
 
 
+def test_target_check_writes_the_target_before_each_verdict():
+    checked = Countdown(trace_misses=2, trace_miss_chance=0.5, trace_check="target")
+    rows = CD.dataset("train", 300, seed=5)
+    misses = 0
+    for row in rows:
+        demo = checked.demonstration(row)
+        assert checked.reward(demo, row).correct and "is not" not in demo and "That is" not in demo
+        lines = demo.split("</think>")[0].strip().splitlines()
+        assert lines[-1].endswith(f". Want {row['target']}: yes.")
+        assert all(line.endswith(f". Want {row['target']}: no.") for line in lines[:-1])
+        misses += len(lines) - 1
+    assert misses > 0
+    with pytest.raises(ValueError, match="trace_check"):
+        Countdown(trace_check="loud")
+
+
 @pytest.mark.parametrize("chance", [1.0, -0.1, True, "half"])
 def test_miss_chance_must_be_a_probability(chance):
     with pytest.raises(ValueError, match="trace_miss_chance"):
