@@ -1,7 +1,10 @@
 """A custom task in one file: put the letters of a word in alphabetical order.
 
 Everything tinyrl needs from a task is here: seeded problem sets with disjoint splits, a base prompt and a chat
-form, a verifier, and a teacher demonstration for the supervised warm start.
+form, a verifier, and a teacher demonstration for the supervised warm start. Only `dataset`, `prompt` (or
+`messages`) and `reward` are required; `name`, `stop` and `chat_prefix` have defaults (the class name in snake
+case, no stop strings, no prefix), set here because this task's answers end at </answer> and its chat turn opens
+a <think> block.
 
     python examples/custom_task.py                       # a few problems and scored sample completions
     tinyrl-data task.name=examples/custom_task.py:SortLetters out_dir=data/sort_letters
@@ -77,13 +80,14 @@ class SortLetters:
     def reward(self, completion: str, row: dict) -> Reward:
         start = completion.rfind("<answer>")
         if start < 0:
-            return Reward(0.0, False, False, {"reason": "no answer"})
+            return Reward(0.0, False, False, {"reason": "no answer"}, {"correct": 0.0, "format": 0.0})
         start += len("<answer>")
         end = completion.find("</answer>", start)
         answer = completion[start : end if end >= 0 else start + 200].strip()
         correct = answer == "".join(sorted(row["letters"]))
         score = self.correct_score if correct else self.format_score
-        return Reward(score, correct, True, {"reason": "correct" if correct else "wrong order"})
+        parts = {"correct": score if correct else 0.0, "format": 0.0 if correct else score}  # logged as reward/<name>
+        return Reward(score, correct, True, {"reason": "correct" if correct else "wrong order"}, parts)
 
     def demonstration(self, row: dict) -> str:
         ordered = sorted(row["letters"])
@@ -94,7 +98,7 @@ class SortLetters:
 
 
 if __name__ == "__main__":  # the guard matters: reward workers are spawned and re-import this file
-    from tinyrl.task import score_batch
+    from tinyrl.reward_workers import score_batch
 
     task = SortLetters()
     rows = task.dataset("test", 3, seed=0)

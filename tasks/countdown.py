@@ -585,7 +585,10 @@ _EXAMPLE_ANSWER = "(6 + 4) * 2 - 1"
 @register_task("countdown")
 @dataclass(frozen=True)
 class Countdown:
-    """The Countdown task. Rows: ``{"numbers": [int, ...], "target": int}``."""
+    """Countdown: combine the given numbers with + - * / into an expression equal to the target.
+
+    Rows: ``{"numbers": [int, ...], "target": int}``.
+    """
 
     name: ClassVar[str] = "countdown"
     stop: ClassVar[tuple[str, ...]] = (_CLOSE,)
@@ -790,15 +793,15 @@ class Countdown:
         numbers, target = self._row(row)
         answer = extract_answer(completion)
         if answer is None:
-            return Reward(0.0, False, False, {"reason": "no answer"})
+            return Reward(0.0, False, False, {"reason": "no answer"}, {"correct": 0.0, "format": 0.0})
         if len(answer) > self.max_answer_chars:
-            return Reward(
-                self.format_score, False, True, {"reason": "answer too long", "answer": answer[: self.max_answer_chars]}
-            )
+            info = {"reason": "answer too long", "answer": answer[: self.max_answer_chars]}
+            return Reward(self.format_score, False, True, info, {"correct": 0.0, "format": self.format_score})
         reason = check_answer(answer, numbers, target, self.use_all_numbers, self.max_nesting)
         correct = reason == "correct"
         score = self.correct_score if correct else self.format_score
-        return Reward(score, correct, True, {"reason": reason, "answer": answer.strip()})
+        parts = {"correct": score if correct else 0.0, "format": 0.0 if correct else score}  # they add up to score
+        return Reward(score, correct, True, {"reason": reason, "answer": answer.strip()}, parts)
 
     # -- teacher ------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -100,7 +101,8 @@ def test_reinforce_pp_baseline_removes_group_mean_then_whitens():
     mean = sum(tokens) / 5
     std = math.sqrt(sum((x - mean) ** 2 for x in tokens) / 4 + 1e-8)
     w = [(x - mean) / std for x in tokens]
-    close(adv, [[w[0], w[1]], [w[2], 0.0], [w[3], w[4]]], atol=1e-7)
+    # the group of one takes part in the whitening statistics but keeps a zero advantage, not -mean / std
+    close(adv, [[w[0], w[1]], [w[2], 0.0], [0.0, 0.0]], atol=1e-7)
 
 
 def test_gae_matches_hand_computation_and_skips_masked_positions():
@@ -136,6 +138,114 @@ def test_groups_of_one_and_all_equal_groups_get_zero_advantages():
     for name in ("grpo", "dr_grpo", "rloo", "opo", "reinforce_pp_baseline"):
         adv, _ = A.compute_advantages(name, rewards, torch.ones(4, 2), group_index=groups)
         assert torch.isfinite(adv).all() and torch.all(adv == 0), name
+
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "opo", "reinforce_pp_baseline")
+REWARD_DTYPES = (torch.float32, torch.bfloat16, F64)
+NON_DYADIC = (0.1, 0.7, 1 / 3)
+
+
+def _ragged_mask(lengths) -> torch.Tensor:
+    lengths = torch.tensor(lengths)
+    return torch.arange(max(int(lengths.max()), 1))[None, :] < lengths[:, None]
+
+
+def _exact_group_advantages(name: str, rewards: torch.Tensor, lengths, groups, eps: float = 1e-6) -> torch.Tensor:
+    """The estimator's textbook formula in exact rational arithmetic on the given rewards, `[B, T]` float64."""
+    r = [Fraction(x) for x in rewards.double().tolist()]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        if lengths[i] > 0:
+            members.setdefault(g, []).append(i)
+    centred = [Fraction(0)] * len(r)
+    has_spread = [False] * len(r)
+    for rows in members.values():
+        weights = {i: (lengths[i] if name == "opo" else 1) for i in rows}
+        mean = sum(weights[i] * r[i] for i in rows) / sum(weights.values())
+        for i in rows:
+            centred[i] = r[i] - mean
+            has_spread[i] = len({r[j] for j in rows}) > 1
+    per_seq = [float(c) for c in centred]
+    if name == "grpo":
+        for rows in members.values():
+            std = math.sqrt(float(sum(centred[i] ** 2 for i in rows) / max(len(rows) - 1, 1)))
+            for i in rows:
+                per_seq[i] = float(centred[i]) / (std + eps)
+    elif name == "rloo":
+        for rows in members.values():
+            n = len(rows)
+            for i in rows:
+                per_seq[i] = float(centred[i] * n / (n - 1)) if n > 1 else 0.0
+    elif name == "reinforce_pp_baseline":
+        tokens = sum(lengths)
+        mean = sum(centred[i] * lengths[i] for i in range(len(r))) / tokens
+        var = sum((centred[i] - mean) ** 2 * lengths[i] for i in range(len(r))) / max(tokens - 1, 1)
+        per_seq = [float(centred[i] - mean) / math.sqrt(float(var) + 1e-8) if has_spread[i] else 0.0
+                   for i in range(len(r))]
+    mask = _ragged_mask(lengths)
+    return torch.where(mask, t(per_seq)[:, None], 0.0)
+
+
+@pytest.mark.parametrize("dtype", REWARD_DTYPES)
+@pytest.mark.parametrize("name", GROUP_ESTIMATORS)
+def test_groups_of_equal_non_dyadic_rewards_get_exactly_zero_advantages(name, dtype):
+    """The mean of n float copies of 0.1 is not 0.1; no rounding of it may reach the advantages."""
+    for reward in NON_DYADIC:
+        for n in range(2, 65):
+            mask = _ragged_mask([1 + (3 * i) % 7 for i in range(n)])
+            adv, ret = A.compute_advantages(name, torch.full((n,), reward, dtype=dtype), mask, group_index=[0] * n)
+            assert torch.all(adv == 0) and torch.all(ret == 0), (reward, n)
+
+
+def test_plain_group_mean_leaks_rounding_into_grpo_advantages():
+    """What the exact-zero test guards against: centring on sum / count, GRPO gives 0.7 x 8 an |A| of 0.056."""
+    rewards = torch.full((8,), 0.7)
+    centred = rewards - rewards.sum() / 8
+    std = (centred.pow(2).sum() / 7).sqrt()
+    assert float((centred / (std + 1e-6)).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("dtype", REWARD_DTYPES)
+@pytest.mark.parametrize("name", GROUP_ESTIMATORS)
+def test_mixed_batch_zeroes_equal_groups_and_keeps_the_others_exact(name, dtype):
+    # groups: 0.1 x 8, 0.7 x 5, 1/3 x 16, a group of one, and three groups with variance (one with an empty row)
+    rewards = [0.1] * 8 + [0.7] * 5 + [1 / 3] * 16 + [0.3] + [1.0, 0.0, 0.1, 1.0] + [0.1, 0.1, 0.7] + [0.0, 1.0, 0.5]
+    groups = [0] * 8 + [1] * 5 + [2] * 16 + [3] + [4] * 4 + [5] * 3 + [6] * 3
+    lengths = [1 + (5 * i) % 9 for i in range(len(rewards))]
+    lengths[-1] = 0
+    equal = torch.tensor([g <= 3 for g in groups])
+    reward_t = t(rewards).to(dtype)
+    adv, _ = A.compute_advantages(name, reward_t, _ragged_mask(lengths), group_index=groups)
+    assert torch.all(adv[equal] == 0)
+    tol = 1e-12 if dtype == F64 else 2e-6
+    expected = _exact_group_advantages(name, reward_t, lengths, groups)
+    torch.testing.assert_close(adv.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", GROUP_ESTIMATORS)
+def test_group_estimators_match_an_exact_reference_on_random_ragged_groups(name, dtype):
+    gen = torch.Generator().manual_seed(7)
+    scores = t([0.0, 0.1, 1 / 3, 0.5, 0.7, 1.0, 0.25, 0.9])
+    for _ in range(20):
+        sizes = torch.randint(1, 13, (6,), generator=gen).tolist()
+        groups = [g for g, size in enumerate(sizes) for _ in range(size)]
+        lengths = torch.randint(0, 9, (len(groups),), generator=gen).tolist()
+        rewards = scores[torch.randint(0, len(scores), (len(groups),), generator=gen)].to(dtype)
+        adv, _ = A.compute_advantages(name, rewards, _ragged_mask(lengths), group_index=groups)
+        expected = _exact_group_advantages(name, rewards, lengths, groups)
+        tol = 1e-12 if dtype == F64 else 2e-6
+        torch.testing.assert_close(adv.double(), expected, atol=tol, rtol=tol)
+        # and the plain sum / count centring, in the same precision, agrees wherever a group has variance
+        if name == "dr_grpo":
+            mask = _ragged_mask(lengths)
+            valid = mask.any(-1)
+            for g in set(groups):
+                rows = (torch.tensor(groups) == g) & valid
+                members = rewards[rows]
+                if len(members) and members.max() > members.min():
+                    plain = members - members.sum() / len(members)
+                    torch.testing.assert_close(adv[rows, 0], plain, atol=tol, rtol=tol)
 
 
 def test_nonfinite_rewards_raise_with_row_but_padding_garbage_is_ignored():
@@ -482,6 +592,57 @@ def test_value_loss_hand_values_with_clipping():
         A.value_loss(values, old, t([[math.nan, 0.0, 0.0]]), t([[1, 1, 0]]))
 
 
+def _near_threshold_value_data(clip: float, seed: int = 0):
+    """float32 values, old values and returns: half the tokens within 1% of the clip boundary, half unrelated."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (32, 512)
+    old = 0.2 * torch.randn(shape, generator=gen)
+    side = torch.randint(0, 2, shape, generator=gen) * 2 - 1
+    # |V - V_old| = clip * (1 + margin), |margin| in [1e-4, 1e-2]: near the boundary, never ambiguous in float32
+    margin = (torch.randint(0, 2, shape, generator=gen) * 2 - 1) * (1e-4 + 0.0099 * torch.rand(shape, generator=gen))
+    near = old + side * clip * (1 + margin)
+    unrelated = 0.2 * torch.randn(shape, generator=gen)
+    values = torch.where(torch.rand(shape, generator=gen) < 0.5, near, unrelated)
+    returns = 0.2 * torch.randn(shape, generator=gen)
+    return values.float(), old.float(), returns.float()
+
+
+def test_vf_clip_frac_is_a_direct_count_of_tokens_whose_clipped_term_is_larger():
+    clip = 0.2
+    values, old, returns = _near_threshold_value_data(clip)
+    mask = torch.ones(values.shape, dtype=torch.bool)
+    mask[:, -7:] = False
+    _, metrics = A.value_loss(values, old, returns, mask, clip=clip)
+    # the count in exact float64 arithmetic on the same float32 numbers
+    v, o, r = values.double(), old.double(), returns.double()
+    clipped = torch.minimum(torch.maximum(v, o - clip), o + clip)
+    direct = int((((clipped - r) ** 2 > (v - r) ** 2) & mask).sum())
+    tokens = int(mask.sum())
+    assert 1000 < direct < tokens - 1000
+    assert round(metrics["vf_clip_frac"] * tokens) == direct
+    # the old form V_old + clamp(V - V_old) rounds unclipped values and over-counts on the same data
+    old_form = old + (values - old).clamp(-clip, clip)
+    assert int((((old_form - returns) ** 2 > (values - returns) ** 2) & mask).sum()) > direct
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-6)])
+def test_clipping_the_value_itself_leaves_loss_and_gradient_unchanged(dtype, tol):
+    clip = 0.2
+    values, old, returns = (x.to(dtype) for x in _near_threshold_value_data(clip, seed=1))
+    mask = torch.rand(values.shape, generator=torch.Generator().manual_seed(2)) < 0.9
+    for agg in AGG_MODE_NAMES:
+        v = values.clone().requires_grad_(True)
+        loss, _ = A.value_loss(v, old, returns, mask, clip=clip, agg=agg)
+        (grad,) = torch.autograd.grad(loss, v)
+        v_ref = values.double().clone().requires_grad_(True)
+        o, r = old.double(), returns.double()
+        clipped = o + (v_ref - o).clamp(-clip, clip)
+        reference = A.aggregate(0.5 * torch.maximum((v_ref - r) ** 2, (clipped - r) ** 2), mask, agg)
+        (grad_ref,) = torch.autograd.grad(reference, v_ref)
+        torch.testing.assert_close(loss.double(), reference.detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(grad.double(), grad_ref, atol=tol, rtol=tol)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # KL
 # ----------------------------------------------------------------------------------------------------------------
@@ -741,3 +902,44 @@ def test_unknown_or_malformed_presets_are_named():
         A.validate_preset(bad, source="mine")
     with pytest.raises(ValueError, match=r"missing key\(s\) \['kl_coef'\]"):
         A.validate_preset({k: v for k, v in A.load_preset("grpo").items() if k != "kl_coef"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The package's public surface
+# ----------------------------------------------------------------------------------------------------------------
+
+PUBLIC_NAMES = {
+    "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "LOG_RATIO_CLAMP", "KL_LOG_RATIO_CLAMP", "POLICY_LOSSES",
+    "PRESET_KEYS", "LossNormalizer", "aggregate", "available_presets", "compute_advantages", "entropy_from_logits",
+    "groups_with_reward_variance", "importance_log_ratio", "kl_loss", "kl_penalty", "kl_shaped_rewards",
+    "load_preset", "logprobs_from_logits", "loss_normalizer", "masked_mean", "masked_whiten", "overlong_penalty",
+    "policy_loss", "register_advantage_estimator", "register_policy_loss", "token_rewards_from_outcome",
+    "validate_preset", "value_loss",
+}
+
+
+def test_every_public_name_imports_from_the_package_and_names_what_it_always_named():
+    assert set(A.__all__) == PUBLIC_NAMES
+    namespace: dict = {}
+    exec(f"from tinyrl.algorithms import {', '.join(sorted(PUBLIC_NAMES))}", namespace)
+    for name in PUBLIC_NAMES:
+        assert namespace[name] is getattr(A, name), name
+    # functions, not the family modules that define them
+    assert callable(A.value_loss) and callable(A.policy_loss) and callable(A.compute_advantages)
+
+
+def test_one_registry_per_family_serves_dispatch_and_preset_validation(scratch_registries):
+    @A.register_advantage_estimator("mean_only")
+    def mean_only(token_rewards, response_mask, *, group_index):
+        return A.compute_advantages("dr_grpo", token_rewards, response_mask, group_index=group_index)
+
+    @A.register_policy_loss("plain")
+    def plain(logprobs, old_logprobs, advantages, response_mask):
+        return -advantages * logprobs, {}
+
+    preset = dict(A.load_preset("grpo"), advantage="mean_only", policy_loss="plain")
+    A.validate_preset(preset, source="custom")
+    adv, _ = A.compute_advantages("mean_only", t([1.0, 0.0]), torch.ones(2, 2), group_index=[0, 0])
+    close(adv[:, 0], [0.5, -0.5])
+    loss, _ = A.policy_loss("plain", t([[-1.0, -1.0], [-1.0, -1.0]]), None, adv, torch.ones(2, 2))
+    close(loss, 0.0)

@@ -80,7 +80,7 @@ def test_plot_entry_point_writes_a_png(tiny_model_dir, tmp_path):
 def test_data_entry_point_exports_verl_parquet(tmp_path):
     out = tmp_path / "data"
     _run([str(BIN / "tinyrl-data"), f"out_dir={out}", "sizes.train=50", "sizes.validation=10", "sizes.test=10",
-          "+task.kwargs.max_numbers=3"], cwd=tmp_path)
+          "task=countdown", "task.kwargs.max_numbers=3"], cwd=tmp_path)
     from tinyrl.data import from_verl_rows, read_rows
 
     rows = read_rows(next(out.glob("train*.parquet")))

@@ -80,7 +80,8 @@ def test_exported_through_the_data_config(tmp_path, monkeypatch):
     with initialize_config_module(config_module="tinyrl.conf", version_base="1.3"):
         cfg = compose(
             "data",
-            overrides=[f"task.name={SPEC}", "+task.kwargs.max_letters=5", f"out_dir={tmp_path}", "format=jsonl"],
+            overrides=["task=custom", f"task.name={SPEC}", "+task.kwargs.max_letters=5", f"out_dir={tmp_path}",
+                       "format=jsonl"],
         )
     cfg.sizes = {"train": 12}
     (path,) = export_from_config(cfg)

@@ -288,10 +288,10 @@ def test_samples_record_signals_and_a_readable_table(tmp_path):
     assert md.startswith("# Sample completions")
     assert "## step 10" in md
     assert "formatted but wrong 0.500" in md
-    assert "&lt;think&gt;3+5&lt;/think&gt;<br>&lt;answer&gt;8&lt;/answer&gt;" in md
-    assert "&lt;answer&gt;1\\|2&lt;/answer&gt;" in md
-    table_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| #")]
-    assert len(table_rows) == 3 and all(row.count(" | ") == 5 for row in table_rows)
+    # verbatim in code fences, readable in a terminal: no HTML escapes, newlines kept
+    assert "```\n<think>3+5</think>\n<answer>8</answer>\n```" in md
+    assert "```\n<answer>1|2</answer>\n```" in md and "&lt;" not in md and "<br>" not in md
+    assert md.count("### completion ") == 3 and "### completion 7 · score 0 · correct no · formatted no" in md
 
     shorter = ["<answer>8</answer>"] * 8
     later = write_samples(tmp_path, 20, prompts, shorter, make_rewards("FFFFFFFF"))
@@ -302,12 +302,19 @@ def test_samples_record_signals_and_a_readable_table(tmp_path):
     assert len((tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()) == 2
 
 
+def test_samples_md_fences_cannot_be_closed_by_the_completion(tmp_path):
+    hostile = "```\n# not a heading\n````"
+    write_samples(tmp_path, 1, ["p"], [hostile], make_rewards("X"))
+    md = (tmp_path / "samples.md").read_text(encoding="utf-8")
+    assert "`````\n" + hostile + "\n`````" in md  # a fence longer than any backtick run inside
+
+
 def test_samples_truncate_long_text_and_validate_inputs(tmp_path):
     long = "x" * 5000
     write_samples(tmp_path, 1, ["p" * 1000], [long], make_rewards("X"), max_chars=100)
     md = (tmp_path / "samples.md").read_text(encoding="utf-8")
     assert "x" * 100 + "… [+4900 chars]" in md and "x" * 101 not in md
-    assert "…" + "p" * 50 + " |" in md
+    assert "…" + "p" * 50 + "\n```" in md
     record = json.loads((tmp_path / "samples.jsonl").read_text(encoding="utf-8"))
     assert record["rows"][0]["completion"] == long  # the JSONL keeps the full text
     with pytest.raises(ValueError, match=r"prompts \(1\), completions \(2\) and rewards \(2\)"):

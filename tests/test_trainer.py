@@ -115,10 +115,10 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_model_dir, tmp_path
     drawn = [trainer.train_rows[i]["id"] for i, _, _ in scored[::2]]
     assert trainer.sampler.position == len(drawn)
     assert len(drawn) > 4, "flat groups were not refilled"
-    assert all(trainer.train_rows[index]["id"] % 2 == 1 for index, _, _ in groups), "a flat group was kept"
+    assert all(trainer.train_rows[index]["id"] % 2 == 1 for index, _, _, _ in groups), "a flat group was kept"
     odd_drawn = sum(i % 2 for i in drawn)
     assert len(groups) == min(4, odd_drawn)
-    for _, members, shaped in groups:
+    for _, members, shaped, _ in groups:
         assert max(shaped) > min(shaped)
 
 

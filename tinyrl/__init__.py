@@ -1,8 +1,9 @@
 """tinyrl: reinforcement learning from verifiable rewards for small language models.
 
 Research-code entry points (imported lazily, so `import tinyrl` stays light):
-- `tinyrl.train(config)`: run a whole experiment from a `TrainConfig`, dict or DictConfig; returns the summary.
-- `tinyrl.load_config(overrides)`: compose the packaged Hydra config tree without the command line.
+- `tinyrl.train(config)`: run a whole experiment from a `TrainConfig`, DictConfig, or a plain dict (over the same
+  packaged defaults as `tinyrl-train`); returns the summary.
+- `tinyrl.load_config(overrides)`: the config `tinyrl-train OVERRIDES` runs, without the command line.
 - `tinyrl.RLTrainer`: the RL loop over objects you built yourself.
 - `tinyrl.get_task`, `tinyrl.register_task`, `tinyrl.Reward`: tasks.
 """

@@ -5,7 +5,8 @@ Layout of one checkpoint:
     run_dir/checkpoints/step_00000040/
         actor/            config.json, model.safetensors, tokenizer files (loadable by from_pretrained / vLLM)
         critic/           (when the run has one)
-        trainer_state.pt  optimizer/scheduler state, RNG states, sampler position, step, metrics offset...
+        optimizer/        every optimizer's state, as each rank's shard (torch.distributed.checkpoint)
+        trainer_state.pt  scheduler state, RNG states, sampler position, step, metrics offset...
         COMPLETE          written last; a directory without it is never loaded
 
 Everything is written into a temporary directory beside the final one, fsynced, then renamed into place, so a
@@ -35,6 +36,8 @@ __all__ = [
     "COMPLETE_MARKER",
     "TRAINER_STATE",
     "save_checkpoint",
+    "begin_checkpoint",
+    "commit_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
     "checkpoint_step",
@@ -147,7 +150,19 @@ def save_checkpoint(
     with `from_pretrained` and vLLM. `state` is saved with `torch.save` as trainer_state.pt. Afterwards
     `keep_last` complete checkpoints remain: the one just written and the newest (by step) of the others.
     Returns its path.
+
+    In two parts, for writers that add files of their own in between (e.g. every rank's optimizer shards):
+    `staging = begin_checkpoint(run_dir, step)`, write into `staging`, then `commit_checkpoint(...)`.
     """
+    _check_checkpoint_args(step, keep_last, models, state, tokenizer, tokenizer_into)
+    staging = begin_checkpoint(run_dir, step)
+    return commit_checkpoint(run_dir, step, staging, models, tokenizer, state, keep_last, tokenizer_into)
+
+
+def _check_checkpoint_args(
+    step: int, keep_last: int, models: Mapping[str, Any], state: Any, tokenizer: Any, tokenizer_into: str
+) -> str:
+    """Raise on a bad argument; return the model directory the tokenizer goes into."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
@@ -168,15 +183,35 @@ def save_checkpoint(
             raise ValueError(
                 f"save_checkpoint: tokenizer_into={tokenizer_into!r} is not one of the models {sorted(models)}"
             )
+    return tokenizer_into
 
+
+def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """Clear what dead writers left and create the temporary directory the checkpoint of `step` is written in."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
-    final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
 
+
+def commit_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    tmp: Path,
+    models: Mapping[str, PreTrainedModel],
+    tokenizer: Any,
+    state: dict[str, Any],
+    keep_last: int = 2,
+    tokenizer_into: str = "actor",
+) -> Path:
+    """Add models, tokenizer and state to `tmp` (from `begin_checkpoint`), mark it complete, rename it into
+    place and prune; see `save_checkpoint`. On any error `tmp` is removed and nothing else changes."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = root / f"step_{step:08d}"
     try:
-        tmp.mkdir()
+        tokenizer_into = _check_checkpoint_args(step, keep_last, models, state, tokenizer, tokenizer_into)
         for name, model in models.items():
             model.save_pretrained(tmp / name)
             if not any((tmp / name).glob("*.safetensors")):

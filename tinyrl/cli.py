@@ -1,109 +1,151 @@
-"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`.
+"""Command-line entry points: `tinyrl-train`, `tinyrl-sft`, `tinyrl-eval`, `tinyrl-data`, `tinyrl-plot`, `tinyrl-tasks`,
+`tinyrl-plan`.
 
-The first four are Hydra apps over the config tree shipped in `tinyrl.conf`, so they work from any directory,
-accept `key=value` overrides and `-m` sweeps.
+The first four compose the config tree shipped in `tinyrl.conf`, so they work from any directory and accept
+`key=value` overrides. A plain command composes with `tinyrl.load_config`, exactly as Python code does; Hydra's
+own command line (`-m` sweeps, `--help`, `--cfg job`, `--config-dir ...`) runs through `hydra.main`. A config that
+cannot work is one line on stderr and exit status 2, before any model loads and without a run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tinyrl.config import register_configs
+from tinyrl.config import ConfigError, register_configs
 
 CONFIG_PATH = "pkg://tinyrl.conf"
+CONFIG_ERROR_STATUS = 2
 
 
-def _print_summary(summary: dict) -> None:
-    keys = ["accuracy_before_rl", "accuracy_after_rl", "eval_problems", "rl_steps", "wall_seconds", "run_dir"]
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
-    for line in summary_lines(summary):
-        print(line)
+@contextmanager
+def _reported(prog: str) -> Iterator[None]:
+    """A ConfigError becomes one line and exit status 2; Ctrl-C or SIGTERM says what was kept, status 130; a run
+    stopped because its rewards kept failing, status 1 (its errors were printed as they happened)."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_STATUS)
+    except KeyboardInterrupt as stop:
+        print(f"{prog}: {stop or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        from tinyrl.reward_report import RewardsFailed  # imports torch: only once a run has started
+
+        if isinstance(err, RewardsFailed):  # the errors themselves were printed as they happened
+            print(f"{prog}: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """What a run did, in plain words: accuracy before -> after RL, the baseline if measured, the run directory."""
-    if "accuracy_after_rl" not in summary:
-        return [summary.get("message", "")]
-    before, after = summary["accuracy_before_rl"], summary["accuracy_after_rl"]
-    start = "after distillation" if "sft_steps" in summary else "before RL"
-    lines = [
-        f"Greedy accuracy on {summary.get('eval_problems', '?')} held-out problems: {before:.3f} {start} -> "
-        f"{after:.3f} after {summary.get('rl_steps', 0)} RL steps ({100 * (after - before):+.1f} points), "
-        f"{summary.get('wall_seconds', 0.0):.0f} s."
-    ]
-    baseline = summary.get("baseline")
-    if baseline:
-        lines.append(
-            f"Best distillation-only baseline in the RL phase's time ({baseline['best']}): "
-            f"{baseline['best_accuracy']:.3f}; RL is {100 * baseline['rl_gain_over_best']:+.1f} points over it."
-        )
-    lines.append(f"Results in {summary.get('run_dir', '?')}/ (summary.json, curves.png, samples.md)")
-    return lines
+def _dispatch(prog: str, hydra_app: Callable[[], object], run: Callable[[Sequence[str]], object],
+              argv: Sequence[str] | None) -> None:
+    if argv is not None:
+        sys.argv[1:] = list(argv)  # hydra.main reads sys.argv
+    argv = sys.argv[1:]
+    register_configs()
+    if any(arg.startswith("-") for arg in argv):
+        with _reported(prog):
+            hydra_app()
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tinyrl").setLevel(logging.INFO)
+    with _reported(prog):
+        run(argv)
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+# ---------------------------------------------------------------------------------------------- tinyrl-train / -sft
+def _run_training(overrides: Sequence[str], config_name: str) -> None:
+    from tinyrl.compose import load_config
+
+    config = load_config(overrides, config_name)
+    from tinyrl.experiment import train
+
+    train(config)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
 
-    summary = train(cfg)
-    _print_summary(summary)
-    return float(summary.get("accuracy_after_rl", 0.0))
+    with _reported("tinyrl-train"):
+        return float(train(cfg).get("accuracy_after_rl", 0.0))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
 def _sft(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
 
-    summary = train(cfg)
-    _print_summary(summary)
-    return float(summary.get("accuracy_after_rl", 0.0))
+    with _reported("tinyrl-sft"):
+        return float(train(cfg).get("accuracy_after_rl", 0.0))
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    _dispatch("tinyrl-train", _train, lambda overrides: _run_training(overrides, "train"), argv)
+
+
+def sft_main(argv: Sequence[str] | None = None) -> None:
+    _dispatch("tinyrl-sft", _sft, lambda overrides: _run_training(overrides, "sft"), argv)
+
+
+# ---------------------------------------------------------------------------------------------- tinyrl-eval
+def _run_eval(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    from tinyrl.eval_checkpoint import evaluate_checkpoint
+
+    result = evaluate_checkpoint(cfg, overrides)
+    if result["settings_from"]:
+        print(f"tinyrl-eval: task and generation settings from {result['settings_from']} (keys you give win)",
+              file=sys.stderr)
+    print(json.dumps(result, indent=2))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base=None)
-def _eval(cfg: DictConfig) -> float:
-    from tinyrl.eval_checkpoint import evaluate_checkpoint
-
-    result = evaluate_checkpoint(cfg)
-    print(json.dumps(result, indent=2))
-    return float(result["accuracy"])
+def _eval(cfg: DictConfig) -> None:
+    with _reported("tinyrl-eval"):
+        _run_eval(cfg, _hydra_overrides())
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="data", version_base=None)
-def _data(cfg: DictConfig) -> None:
+def eval_main(argv: Sequence[str] | None = None) -> None:
+    from tinyrl.compose import compose
+
+    _dispatch("tinyrl-eval", _eval, lambda overrides: _run_eval(compose("eval", overrides), overrides), argv)
+
+
+# ---------------------------------------------------------------------------------------------- tinyrl-data
+def _run_data(cfg: DictConfig) -> None:
     from tinyrl.data import export_from_config
 
     for path in export_from_config(cfg):
         print(path)
 
 
-def train_main() -> None:
-    register_configs()
-    try:
-        _train()
-    except KeyboardInterrupt as stop:
-        print(f"tinyrl-train: {stop or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+@hydra.main(config_path=CONFIG_PATH, config_name="data", version_base=None)
+def _data(cfg: DictConfig) -> None:
+    with _reported("tinyrl-data"):
+        _run_data(cfg)
 
 
-def sft_main() -> None:
-    register_configs()
-    _sft()
+def data_main(argv: Sequence[str] | None = None) -> None:
+    from tinyrl.compose import compose
+
+    _dispatch("tinyrl-data", _data, lambda overrides: _run_data(compose("data", overrides)), argv)
 
 
-def eval_main() -> None:
-    register_configs()
-    _eval()
-
-
-def data_main() -> None:
-    _data()
-
-
+# ---------------------------------------------------------------------------------------------- tinyrl-plot
 def plot_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tinyrl-plot", description="Plot the learning curves of a run directory.")
     parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -112,6 +154,33 @@ def plot_main(argv: list[str] | None = None) -> None:
     from tinyrl.plots import plot_run
 
     print(plot_run(args.run_dir, args.out))
+
+
+def tasks_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tinyrl-tasks",
+        description="List the tasks that task.name= accepts by name: built-in ones and installed plugins "
+        "(entry-point group tinyrl.tasks), with their constructor arguments (task.kwargs).",
+    )
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    args = parser.parse_args(argv)
+    from tinyrl.task import task_catalog
+
+    catalog = task_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=2))
+        return
+    width = max(len(entry["name"]) for entry in catalog)
+    for entry in catalog:
+        print(f"{entry['name']:<{width}}  {entry['source']}: {entry['description']}")
+        print(f"{'':<{width}}  arguments: {entry['arguments'] or '(none)'}")
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """`tinyrl-plan [--world-size N] [--gpu-gb G] [overrides...]`: per-GPU memory of a config, and whether it fits."""
+    from tinyrl.plan import plan_main as main
+
+    main(argv)
 
 
 if __name__ == "__main__":

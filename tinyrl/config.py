@@ -8,13 +8,18 @@ Batch sizes, each with one meaning:
 - `trainer.prompts_per_step`: problems sampled per RL step; each gets `rollout.n` completions.
 - `trainer.prompts_per_mini_batch`: problems (with all their completions) per optimizer step; must divide
   `prompts_per_step`, so one RL step makes `ppo_epochs * prompts_per_step / prompts_per_mini_batch` optimizer steps.
-- `trainer.micro_batch_tokens`: padded tokens per forward/backward pass (a memory knob only; it never changes the
-  gradient, because losses are normalised over the whole mini-batch).
+- `trainer.micro_batch_tokens`: tokens per forward/backward pass, padding included (a memory knob only; it never
+  changes the gradient, because losses are normalised over the whole mini-batch). With `trainer.packing` the
+  sequences of a micro-batch are laid end to end, so nearly every one of those tokens is a real one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,6 +46,9 @@ class ModelConfig:
     template: str = "base"  # base: the task's raw prompt; chat: the tokenizer's chat template
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    # auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa; or sdpa | eager | flash_attention_2 |
+    # flash_attention_3 | flex_attention (GPU only: no backward pass on the CPU)
+    attn_implementation: str = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -52,8 +60,11 @@ class TaskConfig:
     data_seed: int = 0  # seeds the problem sets, kept apart from `seed` so every run seed sees the same eval set
     eval_split: str = "test"
     eval_size: int = 500
-    reward_workers: int = 2  # processes scoring completions; 0 scores in-process (no time limit)
-    reward_timeout_s: float = 5.0
+    reward_workers: int = 2  # processes scoring completions; 0 scores in-process (no time, CPU or memory limit)
+    reward_timeout_s: float = 5.0  # wall-clock seconds one reward may take
+    reward_cpu_s: float = 10.0  # CPU seconds one reward may use (RLIMIT_CPU, Linux); 0: no limit
+    reward_memory_mb: int = 4096  # memory a reward worker may allocate beyond what it holds once loaded; 0: no limit
+    reward_error_limit: Optional[float] = 1.0  # stop when this share of one step's rewards fail; null: never
 
 
 @dataclass
@@ -110,6 +121,7 @@ class SFTConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    save_every: int = 100  # distillation checkpoint every N steps (also on SIGTERM/SIGINT), so a stop resumes
 
 
 @dataclass
@@ -136,6 +148,10 @@ class TrainerConfig:
     prompts_per_mini_batch: int = 64
     ppo_epochs: int = 1
     micro_batch_tokens: int = 16384
+    # sequences laid end to end in the log-prob, value and update passes (same numbers, no padding FLOPs): auto
+    # packs when the attention kernel's cost follows the real tokens (flash-attention, flex_attention); true also
+    # packs for sdpa/eager (block-diagonal masks over rows as wide as the longest sequence); false never
+    packing: str = "auto"
     lr: float = 1e-6
     critic_lr: float = 1e-5
     weight_decay: float = 0.0
@@ -150,9 +166,19 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (FSDP2); see tinyrl/distributed.py."""
+
+    timeout_s: float = 1800.0  # a rank waiting longer than this at a collective fails, naming where the others were
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
-    wandb: Optional[dict] = None  # e.g. {project: tinyrl, mode: offline}
+    # wandb.init arguments, e.g. {project: tinyrl, mode: offline}; typed Any because omegaconf cannot merge a
+    # command-line dict into an Optional[dict] node that holds null
+    wandb: Any = None
     progress: bool = True
     plot: bool = True  # write curves.png at the end
 
@@ -171,6 +197,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -179,17 +206,36 @@ class ConfigError(ValueError):
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra so `conf/train.yaml` composes onto typed nodes, and the resolver that makes
-    Hydra's output directory the run directory when `run_dir` is given."""
+    """Register the schema with Hydra so `conf/train.yaml` composes onto typed nodes, and the resolvers the
+    packaged configs use."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    if not OmegaConf.has_resolver("tinyrl_or"):
-        OmegaConf.register_new_resolver("tinyrl_or", lambda value, default: value if value else default)
+    if not OmegaConf.has_resolver("tinyrl_options"):
+        OmegaConf.register_new_resolver("tinyrl_options", packaged_options)
+
+
+def packaged_options(group: str) -> str:
+    """The options of a packaged config group, for help texts: `task` -> "countdown, countdown_tiny, custom"."""
+    from importlib.resources import files
+
+    return ", ".join(sorted(p.name[: -len(".yaml")] for p in files("tinyrl.conf").joinpath(group).iterdir()
+                            if p.name.endswith(".yaml")))
 
 
 def to_config(config: TrainConfig | DictConfig | dict) -> TrainConfig:
-    """Turn a dataclass, dict or DictConfig into a validated `TrainConfig` object."""
+    """Turn a dataclass, dict or DictConfig into a validated `TrainConfig` object.
+
+    Every key must be in the schema, however it got in (Hydra's `+key=value` included); only open mappings
+    such as `task.kwargs` and `logging.wandb` take keys of the user's choosing.
+    """
+    if not isinstance(config, TrainConfig):
+        container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+        if not isinstance(container, Mapping):
+            raise ConfigError(f"a config is a mapping of keys to values, got {type(container).__name__}")
+        unknown = unknown_keys(container)
+        if unknown:
+            raise ConfigError("; ".join(f"{key}: {describe_unknown(key)}" for key in unknown))
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, config)
@@ -198,6 +244,38 @@ def to_config(config: TrainConfig | DictConfig | dict) -> TrainConfig:
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
+
+
+def unknown_keys(config: Mapping, schema: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of `config` that the dataclass `schema` (default `TrainConfig`) does not define."""
+    schema = schema or TrainConfig
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            unknown.append(name)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            unknown += unknown_keys(value, hints[key], name + ".")
+    return unknown
+
+
+def describe_unknown(key: str) -> str:
+    """'unknown key', with the closest key of the schema when one is close (`trainer.stpes` -> `trainer.steps`)."""
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.75)
+    return "unknown key" + (f" (did you mean {close[0]}?)" if close else "; every key is listed in tinyrl/config.py")
+
+
+def schema_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema; open mappings (`task.kwargs`) count as one key."""
+    schema = schema or TrainConfig
+    keys = []
+    for key, kind in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):
+            keys += schema_keys(kind, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -232,6 +310,7 @@ def validate(cfg: TrainConfig) -> None:
         ("trainer.samples_every", t.samples_every),
         ("task.reward_workers", cfg.task.reward_workers),
         ("sft.steps", s.steps),
+        ("sft.save_every", s.save_every),
         ("threads", cfg.threads),
     ]:
         _check(value >= 0, key, f"must be >= 0, got {value}")
@@ -261,9 +340,9 @@ def validate(cfg: TrainConfig) -> None:
         "task.eval_split",
         f"must be train, validation or test, got {cfg.task.eval_split!r}",
     )
-    if m.path is not None and _looks_local(m.path):
+    if m.path is not None and looks_local(m.path):
         _check(os.path.isdir(m.path), "model.path", f"no model directory at {m.path!r}")
-    if m.critic_path is not None and _looks_local(m.critic_path):
+    if m.critic_path is not None and looks_local(m.critic_path):
         _check(os.path.isdir(m.critic_path), "model.critic_path", f"no model directory at {m.critic_path!r}")
     if s.enabled and s.traces_path is not None:
         _check(os.path.isfile(s.traces_path), "sft.traces_path", f"no file at {s.traces_path!r}")
@@ -271,7 +350,9 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {s.batch_size}")
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
-    _validate_algorithm(a)
+    _validate_task(cfg.task)
+    _validate_distributed(cfg)
+    _validate_packing(cfg)
     _validate_baseline(cfg)
     if m.path is None:
         tiny = m.tiny
@@ -280,9 +361,22 @@ def validate(cfg: TrainConfig) -> None:
             "model.tiny.hidden_size",
             f"hidden_size / num_heads must be an integer >= 32 (got {tiny.hidden_size} / {tiny.num_heads})",
         )
+    _validate_logging(cfg.logging)
+    _validate_algorithm(a, r)  # last: it imports torch, so the checks above answer without it
 
 
-def _validate_algorithm(a: AlgorithmConfig) -> None:
+def _validate_logging(log: LoggingConfig) -> None:
+    _check(
+        log.wandb is None or isinstance(log.wandb, Mapping),
+        "logging.wandb",
+        f"must be null or a mapping of wandb.init arguments such as {{project: tinyrl, mode: offline}}, "
+        f"got {log.wandb!r}",
+    )
+
+
+def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
+    import inspect
+
     from tinyrl import algorithms
 
     _check(
@@ -312,6 +406,13 @@ def _validate_algorithm(a: AlgorithmConfig) -> None:
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
+    estimator = algorithms.ADVANTAGE_ESTIMATORS[a.advantage]
+    _check(
+        r.n >= 2 or "group_index" not in inspect.signature(estimator).parameters,
+        "rollout.n",
+        f"must be >= 2 with the group estimator algorithm.advantage={a.advantage!r} (a group of one completion "
+        f"has no baseline to compare with, so every advantage is 0), got {r.n}",
+    )
 
 
 def _validate_baseline(cfg: TrainConfig) -> None:
@@ -321,12 +422,63 @@ def _validate_baseline(cfg: TrainConfig) -> None:
     _check(cfg.sft.enabled, "baseline.enabled", "needs sft.enabled: the arms are priced in distillation steps")
     _check(cfg.sft.traces_path is None, "baseline.enabled", "needs the task's own teacher (sft.traces_path null)")
     _check(bool(b.arms), "baseline.arms", "must list at least one arm")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    _check(world_size == 1, "baseline.enabled",
+           f"the distillation-only arms run in a single process, and torchrun started {world_size}; run the "
+           f"experiment without torchrun or pass baseline.enabled=false")
     for i, arm in enumerate(b.arms):
         _check(arm.start in ("distilled", "base"), f"baseline.arms[{i}].start",
                f"must be 'distilled' or 'base', got {arm.start!r}")
 
 
-def _looks_local(path: str) -> bool:
+def _validate_distributed(cfg: TrainConfig) -> None:
+    d = cfg.distributed
+    _check(d.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+    _check(
+        not d.cpu_offload or cfg.device != "cpu",
+        "distributed.cpu_offload",
+        "offloads GPU memory to the CPU; it needs a GPU run (device=auto or cuda) under torchrun",
+    )
+
+
+def _validate_task(t: TaskConfig) -> None:
+    _check(t.reward_cpu_s >= 0, "task.reward_cpu_s", f"must be >= 0 (0: no limit), got {t.reward_cpu_s}")
+    _check(t.reward_memory_mb >= 0, "task.reward_memory_mb", f"must be >= 0 (0: no limit), got {t.reward_memory_mb}")
+    _check(
+        t.reward_error_limit is None or 0 < t.reward_error_limit <= 1,
+        "task.reward_error_limit",
+        f"must be in (0, 1] (a share of one step's rewards) or null, got {t.reward_error_limit}",
+    )
+
+
+PACKING_CHOICES = ("auto", "true", "false")
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _validate_packing(cfg: TrainConfig) -> None:
+    """trainer.packing and the attention kernel it runs on."""
+    import importlib.util
+
+    from tinyrl.devices import FLASH_ATTENTION_PACKAGES, resolve_device
+
+    packing = cfg.trainer.packing
+    _check(
+        str(packing).lower() in PACKING_CHOICES, "trainer.packing",
+        f"must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}",
+    )
+    name, key = cfg.model.attn_implementation, "model.attn_implementation"
+    choices = ", ".join(ATTENTION_IMPLEMENTATIONS)
+    _check(name in ATTENTION_IMPLEMENTATIONS, key, f"must be one of {choices}, got {name!r}")
+    device = resolve_device(cfg.device)
+    if name in FLASH_ATTENTION_PACKAGES:
+        _check(device.type == "cuda", key, f"{name} runs on CUDA GPUs only, and device resolves to {device}")
+        package = FLASH_ATTENTION_PACKAGES[name]
+        _check(importlib.util.find_spec(package) is not None, key, f"{name} needs the {package} package, not installed")
+    if name == "flex_attention":
+        _check(device.type != "cpu", key, "flex_attention has no backward pass on the CPU; use sdpa there")
+
+
+def looks_local(path: str) -> bool:
     """A hub name is `org/name`; anything absolute, relative-dotted or existing is a local path."""
     return os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or path.count("/") != 1
 

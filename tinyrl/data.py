@@ -195,8 +195,8 @@ def _plain_config(cfg: Any) -> dict:
         return cfg
     from omegaconf import DictConfig, OmegaConf  # hydra-core's config library; only needed for DictConfig input
 
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if isinstance(cfg, DictConfig):  # the hydra node (help texts, run settings) is not the export's
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise ValueError(f"data config must be a mapping, got {type(cfg).__name__}")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
+
+FLASH_ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,3 +22,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def resolve_attn_implementation(name: str, device: torch.device) -> Optional[str]:
+    """Attention kernel to load models with: `auto` is flash_attention_2 on a CUDA device when flash-attn is
+    installed, else None (transformers' default for the architecture: sdpa for Qwen2)."""
+    if name == "auto":
+        if device.type == "cuda" and importlib.util.find_spec(FLASH_ATTENTION_PACKAGES["flash_attention_2"]):
+            return "flash_attention_2"
+        return None
+    return name

@@ -1,38 +1,61 @@
 """A whole experiment from a config: `train(config)` and the stages it runs, one small function each.
 
-    prepare_run     the run directory, the checkpoint a resumed run continues from, the saved config
+    experiment_config the config the run runs (a dict over the packaged defaults; on resume, the run's own)
+    preflight       what cannot work on this machine fails here, before anything is written or loaded
     load_problems   the task and its training and held-out splits
+    prepare_run     the run directory (a used one is refused unless resuming), the checkpoint to continue from
     base_model      the model RL starts from before distillation (the tiny local model when `model.path` is null)
     starting_policy the policy RL starts from: a resumed checkpoint, a distilled model, or the base model
+    distil          the supervised warm start, checkpointed and resumable like RL
+    rl_trainer      the RL trainer, with a resumed run's state
     run_rl          evaluate, run RL steps (`RLTrainer.fit`), evaluate again
     finish          the final checkpoint, `summary.json` and the curves
     distillation_baselines  (when `baseline.enabled`) distillation-only arms given the RL phase's seconds
+    closing         the closing console lines
+
+Under torchrun every rank runs `train`: rank 0 decides the run directory and what to resume and tells the
+others; rank 0 alone builds the tiny model, distils (the others wait, then load the distilled weights, so the
+distilled model is the one a single process makes), prints and writes records; RL runs on all ranks. The
+baseline arms run in a single process only (`validate` refuses them under a torchrun world of more than one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import os
 import shutil
+import signal
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from tinyrl.checkpoint import load_checkpoint_state
-from tinyrl.config import TrainConfig, to_config
-from tinyrl.devices import resolve_device, resolve_dtype
+from tinyrl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from tinyrl.compose import config_from_dict
+from tinyrl.config import ConfigError, TrainConfig, to_config
+from tinyrl.console import Console, held_out_line, summary_lines
+from tinyrl.devices import resolve_attn_implementation, resolve_dtype
+from tinyrl.distributed import World, init_world
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, read_metrics, rewind_metrics
-from tinyrl.rundir import default_run_dir, resume_checkpoint, resume_target
+from tinyrl.metrics import MetricsWriter, Progress, read_metrics, rewind_metrics
+from tinyrl.preflight import preflight
+from tinyrl.rundir import (
+    CONFIG_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
+    resumed_config, resuming,
+)
 from tinyrl.task import get_task
 from tinyrl.trainer import RLTrainer
 
-log = logging.getLogger("tinyrl")
+# How long other ranks wait for work rank 0 does alone (building the tiny model, distillation). If rank 0
+# fails meanwhile, torchrun stops them at once.
+MAIN_ONLY_WAIT_S = 24 * 3600.0
+
 
 
 @dataclass
@@ -40,162 +63,297 @@ class Run:
     """Where a run writes and what it continues from."""
 
     dir: Path
-    checkpoint: Path | None  # the checkpoint a resumed run continues from
+    resuming: bool
+    checkpoint: Path | None  # the RL checkpoint a resumed run continues from
     state: dict | None  # that checkpoint's trainer state
 
 
 def train(config: TrainConfig | dict | Any) -> dict:
     """Run a whole experiment from a config (dataclass, dict or DictConfig); return the summary written to disk."""
-    cfg = to_config(config)
+    cfg = experiment_config(config)
+    preflight(cfg)
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run = prepare_run(cfg)
+    world = init_world(cfg.device, cfg.distributed.timeout_s)
+    world.check_cpu_offload(cfg.distributed.cpu_offload)
+    console = Console(cfg.logging.progress and world.is_main)
     task, train_rows, eval_rows = load_problems(cfg)
-    base_path = base_model(cfg, run.dir, task, train_rows)
-    if run.state is not None and run.state["step"] >= cfg.trainer.steps:
-        summary = _already_finished(cfg, run)
-        if cfg.baseline.enabled and "wall_seconds" in summary and "baseline" not in summary:
-            summary = distillation_baselines(cfg, run.dir, base_path, task, train_rows, eval_rows, summary)
-        return summary
-    policy, tokenizer, summary, start_path = starting_policy(cfg, run, base_path, task, train_rows)
+    run = prepare_run(cfg, world, console)
+    try:
+        with world.reporting_failures():
+            if run.state is not None and run.state["step"] >= cfg.trainer.steps:
+                summary = _already_finished(cfg, run, world)
+                if not (cfg.baseline.enabled and "wall_seconds" in summary and "baseline" not in summary):
+                    return summary
+                # a finished RL arm whose baseline arms have not finished (killed during them, or enabled since)
+                base_path = base_model(cfg, run.dir, task, train_rows, world, console)
+            else:
+                base_path = base_model(cfg, run.dir, task, train_rows, world, console)
+                policy, tokenizer, summary, start_path = starting_policy(
+                    cfg, run, base_path, task, train_rows, world, console
+                )
+                trainer = rl_trainer(cfg, run, world, policy, tokenizer, start_path, task, train_rows, eval_rows)
+                after = run_rl(trainer, summary, eval_rows, console)
+                summary = finish(cfg, trainer, summary, after, len(eval_rows), started)
+                del policy, trainer  # the baseline arms load their own models
+            if cfg.baseline.enabled:
+                summary = distillation_baselines(cfg, run.dir, base_path, task, train_rows, eval_rows, summary,
+                                                 world, console)
+            closing(summary, console)
+            return summary
+    except KeyboardInterrupt as stop:
+        raise KeyboardInterrupt(
+            f"{stop or 'interrupted'}; to continue, rerun with run_dir={run.dir} resume=true"
+        ) from None
+
+
+def experiment_config(config: TrainConfig | Mapping | DictConfig) -> TrainConfig:
+    """The config `train` runs. A plain dict goes over the packaged defaults, as `tinyrl-train` composes them; a
+    `TrainConfig` or DictConfig is taken as complete. On resume, every key that differs from the run's saved
+    config must be safe to change mid-run (`tinyrl.rundir.SAFE_ON_RESUME`)."""
+    if isinstance(config, Mapping) and not isinstance(config, DictConfig):
+        return config_from_dict(config)
+    cfg = to_config(config)
+    resumed = resumed_config(OmegaConf.to_container(OmegaConf.structured(cfg)), None, None)
+    return to_config(resumed) if resumed is not None else cfg
+
+
+def load_problems(cfg: TrainConfig):
+    """The task and its training and held-out problem sets (the same for every run seed: `task.data_seed`)."""
+    task = get_task(cfg.task.name, **cfg.task.kwargs)
+    if cfg.sft.enabled and cfg.sft.traces_path is None and not hasattr(task, "demonstration"):
+        raise ConfigError(
+            f"sft.traces_path: task {cfg.task.name!r} has no demonstration() to distil from; pass "
+            f"sft.traces_path=traces.jsonl or sft.enabled=false"
+        )
+    train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
+    eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
+    return task, train_rows, eval_rows
+
+
+def prepare_run(cfg: TrainConfig, world: World, console: Console) -> Run:
+    """Decide the run directory and the checkpoint to resume from; save the config the run uses.
+
+    Rank 0 decides and writes; every rank gets its decision.
+    """
+    decision = None
+    if world.is_main:
+        run_dir = resume_target(cfg) or default_run_dir(cfg)
+        if not resuming(cfg.resume):
+            check_unused(run_dir)
+        else:
+            for change in changed_on_resume(run_dir, cfg):
+                console.say(f"resume: {change}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = resume_checkpoint(cfg, run_dir)
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+        verb = f"resuming from {checkpoint.name}" if checkpoint is not None else "run directory"
+        console.say(f"{verb}: {run_dir}")
+        decision = Run(run_dir, resuming(cfg.resume), checkpoint, state)
+    return world.broadcast(decision)
+
+
+def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict], world: World,
+               console: Console) -> str:
+    """`model.path`, or a tiny Qwen2 and tokenizer built in `run_dir/base_model` from the task's own text
+    (by rank 0; the other ranks wait for it)."""
+    from tinyrl.models import build_tiny_model
+
+    if cfg.model.path is not None:
+        return cfg.model.path
+    base_path = run_dir / "base_model"
+    if world.is_main and not (base_path / "config.json").exists():
+        corpus_rows = train_rows[: cfg.model.tiny.corpus_problems]
+        demonstration = getattr(task, "demonstration", lambda row: None)
+        tiny = cfg.model.tiny
+        with console.phase(f"building a tiny Qwen2 and its tokenizer from {len(corpus_rows)} training problems"):
+            texts = [task.prompt(r) for r in corpus_rows] + [d for d in map(demonstration, corpus_rows) if d]
+            build_tiny_model(
+                base_path, texts, vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
+                num_layers=tiny.num_layers, num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+                intermediate_size=tiny.intermediate_size,
+                max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
+                seed=cfg.seed,
+            )
+    world.barrier("building the tiny model on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
+    return str(base_path)
+
+
+def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict], world: World,
+                    console: Console):
+    """The policy RL starts from, its tokenizer, the summary so far, and where reference and critic start.
+
+    A resumed run continues from its checkpoint; a run whose distillation already finished reuses `sft_model/`;
+    otherwise the base model is loaded and, when `sft.enabled`, distilled first (on rank 0 alone, continuing
+    from a resumed run's distillation checkpoint; the other ranks wait and then load what it saved).
+    """
+    from tinyrl.models import load_policy
+
+    attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
+    sft_dir = run.dir / "sft_model"
+    summary: dict[str, Any] = {}
+
+    def load(source: Path | str, device):
+        with console.phase(f"loading the policy from {source} on {device}"):
+            return load_policy(source, device=device, attn_implementation=attention)
+
+    if run.checkpoint is not None:
+        policy, tokenizer = load(run.checkpoint / "actor", world.load_device)
+        summary.update(run.state.get("extra", {}).get("summary", {}))
+    elif cfg.sft.enabled and (sft_dir / "config.json").exists():
+        policy, tokenizer = load(sft_dir, world.load_device)
+        summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
+    elif cfg.sft.enabled:
+        if world.is_main:
+            checkpoint = latest_checkpoint(run.dir / "sft") if run.resuming else None
+            policy, tokenizer = load(checkpoint / "actor" if checkpoint is not None else base_path, world.device)
+            summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows, world.device, checkpoint,
+                                  console))
+        world.barrier("distillation on rank 0", timeout_s=MAIN_ONLY_WAIT_S)
+        if not world.is_main:
+            policy, tokenizer = load_policy(sft_dir, device=world.load_device, attn_implementation=attention)
+            summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
+    else:
+        policy, tokenizer = load(base_path, world.load_device)
+    start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
+    return policy, tokenizer, summary, start_path
+
+
+def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device,
+           checkpoint: Path | None, console: Console, *, steps: int | None = None, out_name: str = "sft_model",
+           log_name: str = "sft") -> dict:
+    """Supervised warm start on teacher traces for `steps` (default `sft.steps`), continuing from `checkpoint` (in
+    `run_dir/log_name/checkpoints`) when given; checkpoints every `sft.save_every` steps and on SIGTERM/SIGINT;
+    saves `run_dir/out_name/` atomically (and, for the warm start itself, `sft_summary.json`)."""
+    from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
+
+    if cfg.sft.traces_path:
+        pairs = read_traces(cfg.sft.traces_path, tokenizer)
+    else:
+        pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
+    examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+    sft_cfg = replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps)
+    sft_run = run_dir / log_name
+    if sft_run.is_dir():  # a resumed distillation: rows after its checkpoint are re-run
+        rewind_metrics(sft_run, state["metrics_offset"] if state is not None else 0)
+    sft_log = MetricsWriter(sft_run)
+
+    def save(step: int, sft_state: dict) -> None:
+        sft_state["metrics_offset"] = sft_log.offset()
+        save_checkpoint(sft_run, step, {"actor": policy}, tokenizer, sft_state, keep_last=1)
+
+    done = state["step"] if state is not None else 0
+    console.say(f"distillation: {len(examples)} teacher traces, {sft_cfg.steps} steps of {sft_cfg.batch_size}"
+                + (f", continuing after step {done}" if done else ""))
+    progress = None
+    if sft_cfg.steps:
+        progress = Progress(sft_cfg.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step")
+    try:
+        with _stop_requests() as stop:
+            summary = run_sft(
+                policy, examples, sft_cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
+                dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                log=sft_log.write, log_every=min(50, max(1, sft_cfg.steps // 10)), progress=progress, state=state,
+                save=save, should_stop=lambda: stop["signal"] is not None,
+            )
+    finally:
+        sft_log.close()
+        if progress is not None:
+            progress.close()
+    out_dir, staging = run_dir / out_name, run_dir / f"{out_name}.tmp"
+    policy.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if out_dir.exists():  # a baseline arm redone after a kill between its save and the summary
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    if out_name == "sft_model":
+        (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(sft_run / "checkpoints", ignore_errors=True)  # sft_model/ supersedes them
+    return summary
+
+
+@contextmanager
+def _stop_requests():
+    """SIGTERM/SIGINT set `stop["signal"]` instead of interrupting, so the running step finishes and saves."""
+    stop: dict[str, int | None] = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def rl_trainer(cfg: TrainConfig, run: Run, world: World, policy, tokenizer, start_path: Path, task, train_rows,
+               eval_rows) -> RLTrainer:
+    """The RL trainer over the starting policy; a resumed run gets its checkpoint's state, and the metrics rows
+    written after that checkpoint are set aside."""
+    if run.state is not None and world.is_main:
+        rewind_metrics(run.dir, run.state["metrics_offset"])
     trainer = RLTrainer.from_config(
         cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
         critic_path=run.checkpoint / "critic" if run.checkpoint is not None else None,
         task=task, train_rows=train_rows, eval_rows=eval_rows,
     )
     if run.state is not None:
-        rewind_metrics(run.dir, run.state["metrics_offset"])
-        trainer.metrics.close()
-        trainer.metrics = MetricsWriter(run.dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-        trainer.load_state_dict(run.state)
-    after = run_rl(trainer, summary)
-    summary = finish(cfg, trainer, summary, after, len(eval_rows), started)
-    if cfg.baseline.enabled:
-        summary = distillation_baselines(cfg, run.dir, base_path, task, train_rows, eval_rows, summary)
-    return summary
+        trainer.resume(run.checkpoint, run.state)
+    return trainer
 
 
-def prepare_run(cfg: TrainConfig) -> Run:
-    """Decide the run directory and the checkpoint to resume from; save the config the run uses."""
-    run_dir = resume_target(cfg) or default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = resume_checkpoint(cfg, run_dir)
-    if checkpoint is not None and checkpoint.parent.parent != run_dir:
-        run_dir = checkpoint.parent.parent
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    return Run(run_dir, checkpoint, state)
+def run_rl(trainer: RLTrainer, summary: dict, eval_rows: list[dict], console: Console) -> dict:
+    """Evaluate the starting policy (once per run), run RL to `trainer.steps`, evaluate the result.
 
-
-def load_problems(cfg: TrainConfig):
-    """The task and its training and held-out problem sets (the same for every run seed: `task.data_seed`)."""
-    task = get_task(cfg.task.name, **cfg.task.kwargs)
-    train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
-    eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
-    return task, train_rows, eval_rows
-
-
-def base_model(cfg: TrainConfig, run_dir: Path, task, train_rows: list[dict]) -> str:
-    """`model.path`, or a tiny Qwen2 and tokenizer built in `run_dir/base_model` from the task's own text."""
-    from tinyrl.models import build_tiny_model
-
-    if cfg.model.path is not None:
-        return cfg.model.path
-    base_path = run_dir / "base_model"
-    if not (base_path / "config.json").exists():
-        corpus_rows = train_rows[: cfg.model.tiny.corpus_problems]
-        demonstration = getattr(task, "demonstration", lambda row: None)
-        texts = [task.prompt(r) for r in corpus_rows] + [d for d in map(demonstration, corpus_rows) if d]
-        tiny = cfg.model.tiny
-        build_tiny_model(
-            base_path, texts, vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
-            num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads, intermediate_size=tiny.intermediate_size,
-            max_position_embeddings=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens + 64,
-            seed=cfg.seed,
-        )
-    return str(base_path)
-
-
-def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows: list[dict]):
-    """The policy RL starts from, its tokenizer, the summary so far, and where reference and critic start.
-
-    A resumed run continues from its checkpoint; a run whose distillation already finished reuses `sft_model/`;
-    otherwise the base model is loaded and, when `sft.enabled`, distilled first.
+    Every evaluation of a run is on the same held-out problems: a resumed run whose problems differ from those
+    measured before RL (a changed task) is refused rather than compared.
     """
-    from tinyrl.models import load_policy
-
-    device = resolve_device(cfg.device)
-    sft_dir = run.dir / "sft_model"
-    summary: dict[str, Any] = {}
-    if run.checkpoint is not None:
-        policy, tokenizer = load_policy(run.checkpoint / "actor", device=device)
-        summary.update(run.state.get("extra", {}).get("summary", {}))
-    elif cfg.sft.enabled and (sft_dir / "config.json").exists():
-        policy, tokenizer = load_policy(sft_dir, device=device)
-        summary.update(json.loads((run.dir / "sft_summary.json").read_text()))
-    else:
-        policy, tokenizer = load_policy(base_path, device=device)
-        if cfg.sft.enabled:
-            summary.update(distil(cfg, run.dir, policy, tokenizer, task, train_rows))
-    start_path = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
-    return policy, tokenizer, summary, start_path
-
-
-def distil(
-    cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], *, steps: int | None = None,
-    out_name: str = "sft_model", log_name: str = "sft",
-) -> dict:
-    """Supervised warm start on teacher traces (`steps`, default `sft.steps`); saves `run_dir/out_name/`
-    atomically and returns its summary (also written to `run_dir/sft_summary.json` for the main model)."""
-    from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
-
-    device = resolve_device(cfg.device)
-    if cfg.sft.traces_path:
-        pairs = read_traces(cfg.sft.traces_path, tokenizer)
-    else:
-        pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
-    examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
-    out_dir, staging = run_dir / out_name, run_dir / f"{out_name}.tmp"
-    sft_log = MetricsWriter(run_dir / log_name)
-    summary = run_sft(
-        policy, examples, replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps), pad_id=tokenizer.pad_token_id,
-        seed=cfg.seed, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
-        micro_batch_tokens=cfg.trainer.micro_batch_tokens, log=sft_log.write,
-    )
-    sft_log.close()
-    policy.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    if out_name == "sft_model":
-        (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def run_rl(trainer: RLTrainer, summary: dict) -> dict:
-    """Evaluate the starting policy (once per run), run RL to `trainer.steps`, evaluate the result."""
+    problems = _fingerprint(eval_rows)
+    if summary.get("eval_set", problems) != problems:
+        raise ConfigError(
+            "task: the held-out problems differ from those this run measured before RL (the task's code or data "
+            "changed?); start a new run to measure on them"
+        )
     try:
         if "accuracy_before_rl" not in summary:
-            before = trainer.evaluate(0)
-            summary["accuracy_before_rl"] = before["accuracy"]
-            summary["eval_before_rl"] = before
+            before = _evaluate(trainer, 0, "before RL", console)
+            summary.update(accuracy_before_rl=before["accuracy"], eval_before_rl=before, eval_set=problems)
             trainer.metrics.write(0, eval_metrics(before))
         trainer.extra_state["summary"] = summary
+        if trainer.cfg.trainer.steps > trainer.step_count:
+            t, left = trainer.cfg.trainer, trainer.cfg.trainer.steps - trainer.step_count
+            console.say(f"RL: {trainer.cfg.algorithm.name}, {left} step{'s' * (left != 1)} of {t.prompts_per_step} "
+                        f"prompts x {trainer.cfg.rollout.n} completions (train figures: the step's own samples)")
         trainer.fit()
         if trainer.step_count == 0:
             return summary["eval_before_rl"]  # no RL step: the policy is the one just measured
-        after = trainer.evaluate(trainer.step_count)
+        after = _evaluate(trainer, trainer.step_count, "after RL", console)
         trainer.metrics.write(trainer.step_count, eval_metrics(after))
         return after
     finally:
         trainer.scorer.close()
 
 
-def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int, started: float) -> dict:
-    """Write the final checkpoint, `summary.json` and `curves.png`; return the summary."""
+def _evaluate(trainer: RLTrainer, step: int, when: str, console: Console) -> dict:
+    with console.phase(f"held-out evaluation {when} on {len(trainer.eval_rows)} problems") as ended:
+        result = trainer.evaluate(step)
+        ended(held_out_line(when, result))
+    return result
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int,
+           started: float) -> dict:
+    """Write the final checkpoint, `summary.json` and `curves.png` (rank 0); return the summary."""
     summary.update(
         accuracy_after_rl=after["accuracy"],
         eval_after_rl=after,
@@ -206,15 +364,23 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
         cpu_seconds=_cpu_seconds(),
         run_dir=str(trainer.run_dir),
     )
+    summary = trainer.world.broadcast(summary)  # rank 0's clock
     trainer.extra_state["summary"] = summary
     trainer.save()
     trainer.close()
-    _write_summary(trainer.run_dir, summary)
-    if cfg.logging.plot:
-        from tinyrl.plots import plot_run
+    if trainer.world.is_main:
+        _write_summary(trainer.run_dir, summary)
+        if cfg.logging.plot:
+            from tinyrl.plots import plot_run
 
-        plot_run(trainer.run_dir)
+            plot_run(trainer.run_dir)
     return summary
+
+
+def closing(summary: dict, console: Console) -> None:
+    """The closing lines: held-out accuracy before and after RL, the baseline arms if run, the files to open."""
+    for line in summary_lines(summary):
+        console.say(line)
 
 
 def rl_phase_seconds(run_dir: Path) -> float:
@@ -225,7 +391,8 @@ def rl_phase_seconds(run_dir: Path) -> float:
 
 
 def distillation_baselines(
-    cfg: TrainConfig, run_dir: Path, base_path: str, task, train_rows: list[dict], eval_rows: list[dict], summary: dict
+    cfg: TrainConfig, run_dir: Path, base_path: str, task, train_rows: list[dict], eval_rows: list[dict], summary: dict,
+    world: World, console: Console,
 ) -> dict:
     """Distillation-only arms in the RL arm's time, greedy-evaluated on the same held-out problems.
 
@@ -235,36 +402,50 @@ def distillation_baselines(
     steps plus those (`start: base`). The RL arm's final policy is answered again on the same problems, so each
     arm's gap to it comes with the standard error of a paired difference: se = std(d_i) / sqrt(n), d_i = c_rl,i -
     c_arm,i for per-problem correctness c. Results go into `summary.json` under `baseline`; models under `baselines/`.
+    A killed run resumed with `resume=true` keeps the arms it finished (`baselines/armN.json`) and continues the
+    arm it was in from that arm's last distillation checkpoint.
     """
-    from tinyrl.checkpoint import latest_checkpoint
     from tinyrl.models import load_policy
-    from tinyrl.task import RewardScorer
+    from tinyrl.reward_workers import RewardScorer
 
-    device = resolve_device(cfg.device)
+    attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
     rl_seconds = rl_phase_seconds(run_dir)
     per_step = summary["sft_seconds"] / max(1, summary["sft_steps"])
     extra_steps = max(1, round(rl_seconds / per_step))
     (run_dir / "baselines").mkdir(exist_ok=True)
+    console.say(f"distillation-only baselines: {len(cfg.baseline.arms)} arm(s); the RL phase's {rl_seconds:.1f} s buy "
+                f"{extra_steps} distillation steps at {per_step:.2f} s each")
     arms = []
-    with RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s) as scorer:
-        final, _ = load_policy(latest_checkpoint(run_dir) / "actor", device=device)
-        rl_correct = _greedy_correct(cfg, final, load_policy(run_dir / "sft_model")[1], task, eval_rows, scorer)
+    with RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s,
+                      cpu_s=cfg.task.reward_cpu_s, memory_mb=cfg.task.reward_memory_mb) as scorer:
+        final, final_tokenizer = load_policy(latest_checkpoint(run_dir) / "actor", device=world.device,
+                                             attn_implementation=attention)
+        rl_correct = _greedy_correct(cfg, final, final_tokenizer, task, eval_rows, scorer)
+        del final
         for i, arm in enumerate(cfg.baseline.arms):
-            teacher = get_task(cfg.task.name, **{**cfg.task.kwargs, **arm.task_kwargs})
-            start = run_dir / "sft_model" if arm.start == "distilled" else Path(base_path)
             steps = extra_steps if arm.start == "distilled" else summary["sft_steps"] + extra_steps
-            policy, tokenizer = load_policy(start, device=device)
-            name = f"baselines/arm{i}"
-            trained = distil(cfg, run_dir, policy, tokenizer, teacher, train_rows, steps=steps, out_name=name,
-                             log_name=f"{name}_sft")
+            record = {"name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps}
+            name, done_file = f"baselines/arm{i}", run_dir / "baselines" / f"arm{i}.json"
+            if done_file.exists() and _same_arm(json.loads(done_file.read_text()), record):
+                arms.append(json.loads(done_file.read_text()))
+                continue
+            teacher = get_task(cfg.task.name, **{**cfg.task.kwargs, **arm.task_kwargs})
+            checkpoint = latest_checkpoint(run_dir / f"{name}_sft")
+            start = checkpoint / "actor" if checkpoint is not None else (
+                run_dir / "sft_model" if arm.start == "distilled" else Path(base_path))
+            console.say(f"baseline arm {arm.name!r}: distillation from {start}")
+            policy, tokenizer = load_policy(start, device=world.device, attn_implementation=attention)
+            trained = distil(cfg, run_dir, policy, tokenizer, teacher, train_rows, world.device, checkpoint, console,
+                             steps=steps, out_name=name, log_name=f"{name}_sft")
             correct = _greedy_correct(cfg, policy, tokenizer, task, eval_rows, scorer)
+            del policy
             diffs = [float(a) - float(b) for a, b in zip(rl_correct, correct)]
-            arms.append({
-                "name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps,
-                "sft_seconds": trained["sft_seconds"], "accuracy": sum(correct) / len(correct),
-                "rl_gain": sum(diffs) / len(diffs), "rl_gain_se": _standard_error(diffs),
-            })
-            log.info("baseline %r: %d distillation steps, accuracy %.3f", arm.name, steps, arms[-1]["accuracy"])
+            record.update(sft_seconds=trained["sft_seconds"], accuracy=sum(correct) / len(correct),
+                          rl_gain=sum(diffs) / len(diffs), rl_gain_se=_standard_error(diffs))
+            _write_json(done_file, record)
+            arms.append(record)
+            console.say(f"baseline arm {arm.name!r}: held-out accuracy {record['accuracy']:.3f} after {steps} "
+                        f"distillation steps")
     best = max(arms, key=lambda a: a["accuracy"])
     summary["baseline"] = {
         "rl_seconds": rl_seconds, "sft_seconds_per_step": per_step, "extra_steps": extra_steps, "arms": arms,
@@ -275,17 +456,21 @@ def distillation_baselines(
     return summary
 
 
+def _same_arm(done: dict, record: dict) -> bool:
+    return all(done.get(key) == value for key, value in record.items())
+
+
 def _greedy_correct(cfg: TrainConfig, policy, tokenizer, task, rows: list[dict], scorer) -> list[bool]:
-    """Whether each held-out problem's greedy answer is right, as the RL arm's evaluation decodes it."""
+    """Whether each held-out problem's greedy answer is right, decoded and scored as the RL arm's evaluation does."""
+    from tinyrl.eval_checkpoint import sample_eval
     from tinyrl.prompts import encode_prompts
-    from tinyrl.rollout import SamplingConfig, make_engine
+    from tinyrl.rollout import make_engine
 
     prompts = encode_prompts(task, rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens, "evaluation")
     engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout.batch_size)
-    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_response_tokens, temperature=0.0,
-                            stop=tuple(getattr(task, "stop", ())))
-    completions = engine.generate(prompts, greedy)
-    return [r.correct for r in scorer.score([c.text for c in completions], list(rows))]
+    samples = sample_eval(engine, scorer, task, rows, prompts, max_new_tokens=cfg.rollout.max_response_tokens,
+                          seed=cfg.seed, timeout_s=cfg.rollout.timeout_s)
+    return [bool(r.correct) for r in samples.rewards]
 
 
 def _standard_error(values: list[float]) -> float:
@@ -305,14 +490,20 @@ def _cpu_seconds() -> float:
 
 
 def _write_summary(run_dir: Path, summary: dict) -> None:
-    staging = run_dir / "summary.json.tmp"
-    staging.write_text(json.dumps(summary, indent=2))
-    os.replace(staging, run_dir / "summary.json")
+    _write_json(run_dir / "summary.json", summary)
 
 
-def _already_finished(cfg: TrainConfig, run: Run) -> dict:
+def _write_json(path: Path, record: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=2))
+    os.replace(staging, path)
+
+
+def _already_finished(cfg: TrainConfig, run: Run, world: World) -> dict:
     summary_path = run.dir / "summary.json"
     message = f"run in {run.dir} already finished {run.state['step']} of {cfg.trainer.steps} steps; nothing to resume"
-    log.warning(message)
-    print(message)
-    return json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
+    result = None
+    if world.is_main:
+        print(message)
+        result = json.loads(summary_path.read_text()) if summary_path.exists() else {"message": message}
+    return world.broadcast(result)

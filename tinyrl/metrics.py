@@ -7,7 +7,6 @@ On resume, rows written after the checkpoint are moved (not deleted) to `metrics
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ __all__ = [
     "SAMPLES_JSONL",
     "SAMPLES_MD",
     "MetricsWriter",
+    "NullWriter",
     "rewind_metrics",
     "read_metrics",
     "Progress",
@@ -154,6 +154,19 @@ class MetricsWriter:
         self.close()
 
 
+class NullWriter:
+    """A `MetricsWriter` that keeps nothing: for processes that share a run but do not write its records."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def _move_tail(run_dir: Path, offset: int) -> int:
     """Move the bytes of metrics.jsonl past `offset` to metrics.discarded.jsonl; return how many lines moved."""
     path = run_dir / METRICS_FILE
@@ -242,7 +255,7 @@ def read_metrics(path_or_run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -262,10 +275,11 @@ def _format_figure(value: Any) -> str:
 class Progress:
     """One console line per update with step, rate, ETA and key figures.
 
-    On a TTY the line is redrawn in place (at most every `min_interval_s`, default 0.2 s); otherwise (log
-    files, CI) a plain line is printed at most every `min_interval_s` (default 30 s). The first update and the
-    last step are always shown. ETA is measured from the steps done by this process, so a resumed run
-    (`start_step` > 0) gets an honest estimate. `enabled=False` makes every call a no-op (quiet runs).
+    `label` names what is counted ("RL step", "distillation step"). On a TTY the line is redrawn in place (at
+    most every `min_interval_s`, default 0.2 s); otherwise (log files, CI) a plain line is printed at most every
+    `min_interval_s` (default 30 s). The first update and the last step are always shown. ETA is measured from
+    the steps done by this process, so a resumed run (`start_step` > 0) gets an honest estimate. `enabled=False`
+    makes every call a no-op (quiet runs); `note` prints a line of its own between updates.
     """
 
     def __init__(
@@ -277,6 +291,7 @@ class Progress:
         width: int = 20,
         clock: Callable[[], float] = time.monotonic,
         enabled: bool = True,
+        label: str = "step",
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"Progress: total_steps must be an int >= 1, got {total_steps!r}")
@@ -289,6 +304,7 @@ class Progress:
         self.min_interval_s = min_interval_s if min_interval_s is not None else (0.2 if self.tty else 30.0)
         self.width = width
         self.enabled = enabled
+        self.label = label
         self._clock = clock
         self._t0 = clock()
         self._last_shown: float | None = None
@@ -299,12 +315,12 @@ class Progress:
         done = min(max(step, 0), self.total_steps)
         frac = done / self.total_steps
         filled = int(round(frac * self.width))
-        parts = [f"step {step}/{self.total_steps} [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%}"]
+        parts = [f"{self.label} {step}/{self.total_steps} [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%}"]
         steps_here = step - self.start_step
         if steps_here > 0:
             per_step = (self._clock() - self._t0) / steps_here
             parts.append(f"{per_step:.3g} s/step")
-            parts.append(f"ETA {_format_duration(per_step * max(self.total_steps - step, 0))}")
+            parts.append(f"ETA {format_duration(per_step * max(self.total_steps - step, 0))}")
         for key, value in (figures or {}).items():
             parts.append(f"{key} {_format_figure(value)}")
         return " | ".join(parts)
@@ -328,6 +344,17 @@ class Progress:
         self.stream.flush()
         return True
 
+    def note(self, text: str) -> None:
+        """A line of its own between progress lines (e.g. a held-out accuracy): never rate-limited, and on a
+        terminal it replaces the progress line, which the next update redraws below it."""
+        if not self.enabled:
+            return
+        if self.tty:
+            text = "\r" + text + " " * max(self._last_len - len(text), 0)
+            self._last_len = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         """End a TTY line left open by an interrupted run."""
         if self.tty and self._last_len:
@@ -336,11 +363,22 @@ class Progress:
             self._last_len = 0
 
 
-def _md_cell(text: str, max_chars: int, keep: str = "head") -> str:
-    if len(text) > max_chars:
-        cut = len(text) - max_chars
-        text = f"…{text[-max_chars:]}" if keep == "tail" else f"{text[:max_chars]}… [+{cut} chars]"
-    return html.escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+def _shortened(text: str, max_chars: int, keep: str = "head") -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = len(text) - max_chars
+    return f"…{text[-max_chars:]}" if keep == "tail" else f"{text[:max_chars]}… [+{cut} chars]"
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` verbatim in a Markdown code fence longer than any backtick run inside it (model output is
+    arbitrary text: it must neither end the fence nor be rendered as markup)."""
+    longest, run = 0, 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text.replace("\r", ""), fence]
 
 
 def _first_logged_length(path: Path) -> float | None:
@@ -364,7 +402,7 @@ def write_samples(
     response_lengths: Sequence[int] | None = None,
     max_chars: int = 600,
 ) -> dict[str, float]:
-    """Append a step's example completions to `samples.jsonl` and a readable table to `samples.md`.
+    """Append a step's example completions to `samples.jsonl` and to `samples.md` (plain text, readable with `less`).
 
     The step's reward-hacking signals are computed over all completions given, not only the rows shown:
     `formatted_wrong_rate` (formatted answers that are wrong), `length_mean_chars`, `length_mean_tokens`
@@ -430,9 +468,9 @@ def write_samples(
     lines = [] if md_path.exists() else [
         "# Sample completions",
         "",
-        "Rows are spread over each logged batch. *formatted but wrong* is the share of all completions of the "
-        "step that follow the answer format but are wrong; a length ratio falling well below 1 means responses "
-        "are collapsing.",
+        "Completions are spread over each logged batch and shown verbatim (prompts by their end). *formatted but "
+        "wrong* is the share of all completions of the step that follow the answer format but are wrong; a length "
+        "ratio falling well below 1 means responses are collapsing.",
         "",
     ]
     lines += [
@@ -443,16 +481,18 @@ def write_samples(
         f"mean length {signals['length_mean_chars']:.1f} chars{tokens} "
         f"({signals['length_ratio_to_first']:.2f}× the first logged step) · {n} completions",
         "",
-        "| # | prompt (end) | completion | score | correct | formatted |",
-        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         score = "null" if row["score"] is None else f"{row['score']:.3g}"
-        lines.append(
-            f"| {row['index']} | {_md_cell(row['prompt'], max_chars // 2, keep='tail')} | "
-            f"{_md_cell(row['completion'], max_chars)} | {score} | "
-            f"{'yes' if row['correct'] else 'no'} | {'yes' if row['formatted'] else 'no'} |"
-        )
-    lines.append("")
+        lines += [
+            f"### completion {row['index']} · score {score} · correct {'yes' if row['correct'] else 'no'} · "
+            f"formatted {'yes' if row['formatted'] else 'no'}",
+            "",
+            "prompt (end):",
+            *_fenced(_shortened(row["prompt"], max_chars // 2, keep="tail")),
+            "completion:",
+            *_fenced(_shortened(row["completion"], max_chars)),
+            "",
+        ]
     _append_durably(md_path, ("\n".join(lines) + "\n").encode("utf-8"))
     return signals

@@ -63,6 +63,7 @@ class PhaseTimer:
 
     Usage: `with timer.phase("generate", step): ...`. Entering a phase of a new step clears the previous
     step's figures; a phase entered twice in one step accumulates. `metrics()` gives `time/<phase>` values.
+    `on_phase(step, name)`, when given, is called as each phase starts (e.g. to post progress elsewhere).
     Exceptions (not KeyboardInterrupt/SystemExit, which pass through untouched so Ctrl-C can checkpoint) are
     re-raised as `TrainingError("step S, phase P: ...")` chained to the original.
     """
@@ -71,8 +72,10 @@ class PhaseTimer:
         self,
         memory_knobs: Sequence[str] = DEFAULT_MEMORY_KNOBS,
         clock: Callable[[], float] = time.perf_counter,
+        on_phase: Callable[[int, str], None] | None = None,
     ) -> None:
         self.memory_knobs = tuple(memory_knobs)
+        self.on_phase = on_phase
         self.seconds: dict[str, float] = {}
         self.step: int | None = None
         self._clock = clock
@@ -84,6 +87,8 @@ class PhaseTimer:
         if step != self.step:
             self.step = step
             self.seconds = {}
+        if self.on_phase is not None:
+            self.on_phase(step, name)
         start = self._clock()
         try:
             yield

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from tinyrl.batch import build_batch, split_by_tokens
+from tinyrl.checkpoint import capture_rng, restore_rng
 from tinyrl.config import SFTConfig
+from tinyrl.metrics import Progress
 from tinyrl.policy_ops import autocast_for, token_logprobs
 from tinyrl.prompts import render_prompt
 
@@ -96,14 +98,39 @@ def run_sft(
     micro_batch_tokens: int,
     log: Callable[[int, dict], None] | None = None,
     log_every: int = 50,
+    progress: Progress | None = None,
+    state: dict | None = None,
+    save: Callable[[int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Fine-tune `model` in place for `cfg.steps` steps of `cfg.batch_size` traces; returns final figures."""
+    """Fine-tune `model` in place for `cfg.steps` steps of `cfg.batch_size` traces; returns final figures.
+
+    Resumable exactly: `save(step, state)` is called every `cfg.save_every` steps and when `should_stop()` turns
+    true (then `DistillationStopped` is raised after the save); passing that `state` back (with the model's
+    weights as saved then) continues with the same batches, optimizer moments and schedule.
+    `progress` (a `tinyrl.metrics.Progress`) is updated every step with the loss.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     rng = np.random.default_rng([seed, 1])
+    done, recent, seconds_before = 0, [], 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["batch_rng"]
+        restore_rng(state["rng"])
+        done, recent, seconds_before = state["step"], list(state["recent_losses"]), state["seconds"]
     model.train()
-    start, recent = time.perf_counter(), []
-    for step in range(1, cfg.steps + 1):
+    start, loss_sum = time.perf_counter(), float("nan")
+
+    def snapshot(step: int) -> dict:
+        return {
+            "step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "batch_rng": rng.bit_generator.state, "rng": capture_rng(), "recent_losses": list(recent),
+            "seconds": seconds_before + time.perf_counter() - start,
+        }
+
+    for step in range(done + 1, cfg.steps + 1):
         picked = rng.choice(len(examples), size=min(cfg.batch_size, len(examples)), replace=False)
         batch = build_batch(
             [examples[i][0] for i in picked],
@@ -129,8 +156,24 @@ def run_sft(
         if log is not None and (step % log_every == 0 or step == cfg.steps):
             log(step, {"sft/loss": float(np.mean(recent)), "sft/lr": schedule.get_last_lr()[0]})
             recent = []
+        if progress is not None:
+            progress.update(step, {"loss": loss_sum})
+        stopping = should_stop is not None and should_stop()
+        if save is not None and step < cfg.steps and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
+            save(step, snapshot(step))
+        if stopping and step < cfg.steps:
+            raise DistillationStopped(step, cfg.steps)
     model.eval()
-    return {"sft_steps": cfg.steps, "sft_seconds": time.perf_counter() - start, "sft_final_loss": loss_sum}
+    seconds = seconds_before + time.perf_counter() - start
+    return {"sft_steps": cfg.steps, "sft_seconds": seconds, "sft_final_loss": loss_sum}
+
+
+class DistillationStopped(KeyboardInterrupt):
+    """Distillation stopped by a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"distillation stopped at step {step} of {total}; checkpoint saved")
+        self.step = step
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -1,39 +1,35 @@
-"""The Task protocol, the Reward result, the task registry, and parallel reward scoring.
+"""The Task protocol, the Reward result, and the task registry (built-in tasks, plugins, files).
 
 This module uses the standard library only: reward worker processes import it, and so does code that must run
-without torch.
+without torch. Scoring in worker processes lives in `tinyrl.reward_workers`.
 
 A task is one small object that makes seeded problem sets, renders prompts, and scores completions:
 
     @register_task("my_task")
     class MyTask:
-        name = "my_task"
-        stop = ("</answer>",)
-        chat_prefix = ""
-        def dataset(self, split, size, seed): ...
-        def prompt(self, row): ...
-        def messages(self, row): ...
-        def reward(self, completion, row): ...
+        def dataset(self, split, size, seed): ...   # list of row dicts
+        def prompt(self, row): ...                  # text a base model continues (or messages(row) for chat)
+        def reward(self, completion, row): ...      # a Reward
 
-``get_task("my_task")``, ``get_task("pkg.module:MyTask")`` and ``get_task("path/to/file.py:MyTask")`` all build it.
+Optional members and their defaults: ``name`` (the registered name, else the class name in snake case),
+``stop`` (``()``), ``chat_prefix`` (``""``), ``messages(row)`` (one user message holding ``prompt(row)``),
+``prompt(row)`` (the messages' contents joined by blank lines), ``demonstration(row)`` (a teacher completion for
+the supervised warm start), ``prepare_worker()`` (called once in each reward worker before it scores, to load what
+scoring needs). ``reward`` may also take a ``completion_ids`` keyword (the completion's token ids).
+
+``get_task`` builds a task from a registered name, an installed plugin (entry-point group ``tinyrl.tasks``),
+``"pkg.module:MyTask"`` or ``"path/to/file.py:MyTask"``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
-import math
-import multiprocessing
-import multiprocessing.connection
-import pickle
-import signal
+import re
 import sys
-import time
-import traceback
-import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -42,28 +38,42 @@ __all__ = [
     "Reward",
     "Task",
     "SPLITS",
+    "ENTRY_POINT_GROUP",
     "register_task",
     "get_task",
     "available_tasks",
+    "task_catalog",
+    "complete_task",
+    "load_object",
     "RewardScorer",
     "score_batch",
 ]
 
 SPLITS = ("train", "validation", "test")
+ENTRY_POINT_GROUP = "tinyrl.tasks"  # installed packages register tasks here: `name = "pkg.module:Factory"`
 
 
 @dataclass(frozen=True)
 class Reward:
-    """The verdict on one completion."""
+    """The verdict on one completion.
+
+    ``score`` is what RL maximises (any finite float; a non-finite score is turned into an error). ``correct`` is
+    the accuracy signal, kept apart from a shaped score; ``formatted`` says an answer in the expected format was
+    found. ``info`` says why, for people reading samples and errors (e.g. ``{"reason": "wrong numbers"}``; failures
+    carry ``{"error": ..., "traceback": ..., "where": ...}``). ``components`` are named parts of the score (e.g.
+    ``{"correct": 1.0, "format": 0.0}``, or one value per TRL reward function), each logged as
+    ``reward/<name>``, averaged over the completions that report it.
+    """
 
     score: float
-    correct: bool  # the accuracy signal, separate from the (possibly shaped) score
-    formatted: bool  # an answer in the expected format was found
-    info: dict = field(default_factory=dict)  # why: e.g. {"reason": "wrong numbers"} or {"error": "timeout"}
+    correct: bool
+    formatted: bool
+    info: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)
 
 
 class Task(Protocol):
-    """What the trainer, the data exporter and the evaluator need from a task."""
+    """What the trainer, the data exporter and the evaluator need from a task (after `complete_task`)."""
 
     name: str
     stop: tuple[str, ...]  # stop strings for generation; engines must keep them in the returned text
@@ -86,7 +96,63 @@ class Task(Protocol):
         ...
 
 
-_TASK_MEMBERS = ("name", "stop", "chat_prefix", "dataset", "prompt", "messages", "reward")
+_REQUIRED_MEMBERS = ("dataset", "reward")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults for the optional members
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+class _TaskWithDefaults:
+    """A user's task object with tinyrl's defaults for the members it leaves out; everything else is the task's."""
+
+    def __init__(self, task: Any, name: str):
+        self._task = task
+        self.name = getattr(task, "name", name)
+        self.stop = tuple(getattr(task, "stop", ()))
+        self.chat_prefix = getattr(task, "chat_prefix", "")
+
+    def __getattr__(self, attr: str):  # only reached for what the wrapper itself lacks
+        if attr == "_task" or (attr.startswith("__") and attr.endswith("__")):
+            raise AttributeError(attr)
+        return getattr(self._task, attr)
+
+    def __reduce__(self):  # rebuilt in worker processes without going through __getattr__
+        return (_TaskWithDefaults, (self._task, self.name))
+
+    def prompt(self, row: dict) -> str:
+        if hasattr(self._task, "prompt"):
+            return self._task.prompt(row)
+        return "\n\n".join(str(m.get("content", "")) for m in self._task.messages(row))
+
+    def messages(self, row: dict) -> list[dict]:
+        if hasattr(self._task, "messages"):
+            return self._task.messages(row)
+        return [{"role": "user", "content": self._task.prompt(row)}]
+
+
+def complete_task(task: Any, name: str | None = None) -> Task:
+    """``task`` itself when it has every Task member, else a wrapper that supplies the defaults.
+
+    Raises TypeError naming what cannot be defaulted: ``dataset``, ``reward``, and one of ``prompt``/``messages``.
+    """
+    if isinstance(task, _TaskWithDefaults):
+        return task
+    label = name or type(task).__name__
+    missing = [m for m in _REQUIRED_MEMBERS if not callable(getattr(task, m, None))]
+    if not (callable(getattr(task, "prompt", None)) or callable(getattr(task, "messages", None))):
+        missing.append("prompt or messages")
+    if missing:
+        raise TypeError(f"task {label!r} ({type(task).__name__}) lacks Task member(s): {', '.join(missing)}")
+    if all(hasattr(task, m) for m in ("name", "stop", "chat_prefix", "prompt", "messages")):
+        return task
+    default_name = name if name and ":" not in name else _snake_case(type(task).__name__)
+    return _TaskWithDefaults(task, default_name)  # type: ignore[return-value]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Registry
@@ -94,9 +160,14 @@ _TASK_MEMBERS = ("name", "stop", "chat_prefix", "dataset", "prompt", "messages",
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 # Built-in tasks register themselves when their module is imported; get_task imports it on first use.
-_BUILTIN_MODULES = {"countdown": "tinyrl.tasks.countdown"}
-# Modules that get_task loaded from a file path: {module name: path}. Worker processes load them again under the
-# same names so that pickled tasks defined in such files can be rebuilt there.
+_BUILTIN_MODULES = {
+    "countdown": "tinyrl.tasks.countdown",
+    "multiplication": "tinyrl.tasks.multiplication",
+    "math": "tinyrl.tasks.math_answer",
+    "file": "tinyrl.file_task",
+}
+# Modules loaded from a file path: {module name: path}. Worker processes load them again under the same names so
+# that pickled tasks defined in such files can be rebuilt there.
 _FILE_MODULES: dict[str, str] = {}
 
 
@@ -124,26 +195,75 @@ def register_task(name: str, factory: Callable[..., Any] | None = None):
     return add if factory is None else add(factory)
 
 
+def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    """Installed plugin tasks by name (first one wins if two distributions use the same name)."""
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
 def available_tasks() -> list[str]:
-    """Names that ``get_task`` accepts without a module or file path."""
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+    """Names that ``get_task`` accepts without a module or file path: registered, built-in and plugin tasks."""
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES) | set(_plugins()))
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
-    """Build a task from a registered name, ``"pkg.module:Attr"`` or ``"path/to/file.py:Attr"``.
+    """Build a task from a registered name, a plugin name, ``"pkg.module:Attr"`` or ``"path/to/file.py:Attr"``.
 
     Unknown names raise ValueError listing the available tasks; keyword arguments the factory does not accept
-    raise TypeError naming them.
+    raise TypeError naming them. Members the task leaves out get their defaults (see `complete_task`).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_task: name must be a non-empty string, got {name!r}")
     factory = _resolve_factory(name)
     _check_kwargs(name, factory, kwargs)
-    task = factory(**kwargs)
-    missing = [m for m in _TASK_MEMBERS if not hasattr(task, m)]
-    if missing:
-        raise TypeError(f"get_task({name!r}) built {type(task).__name__}, which lacks Task member(s) {missing}")
-    return task
+    return complete_task(factory(**kwargs), name)
+
+
+def task_catalog() -> list[dict[str, str]]:
+    """Every task available by name: ``{"name", "source", "description", "arguments"}``, sorted by name.
+
+    ``source`` is ``built-in``, ``plugin (<distribution>)`` or ``registered (<module>)``. A plugin that fails to
+    load is listed with the error as its description rather than hiding the others.
+    """
+    plugins = _plugins()
+    out = []
+    for name in available_tasks():
+        if name in _BUILTIN_MODULES:
+            source = "built-in"
+        elif name in plugins and name not in _REGISTRY:
+            dist = getattr(plugins[name], "dist", None)
+            source = f"plugin ({dist.name})" if dist is not None else "plugin"
+        else:
+            source = f"registered ({getattr(_REGISTRY[name], '__module__', '?')})"
+        try:
+            factory = _resolve_factory(name)
+        except Exception as exc:  # a broken plugin must not hide the other tasks
+            out.append({"name": name, "source": source, "description": f"cannot load: {exc}", "arguments": ""})
+            continue
+        doc = inspect.getdoc(factory) or ""
+        out.append(
+            {"name": name, "source": source, "description": doc.split("\n\n")[0].replace("\n", " "),
+             "arguments": _describe_arguments(factory)}
+        )
+    return out
+
+
+def _describe_arguments(factory: Callable[..., Any]) -> str:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return "?"
+    shown = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            shown.append(("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name)
+        elif p.default is p.empty:
+            shown.append(p.name)
+        else:
+            shown.append(f"{p.name}={p.default!r}")
+    return ", ".join(shown)
 
 
 def _qualified_name(obj: Any) -> str:
@@ -158,44 +278,71 @@ def _resolve_factory(name: str) -> Callable[..., Any]:
         if name in _REGISTRY:
             return _REGISTRY[name]
         raise RuntimeError(f"module {_BUILTIN_MODULES[name]} did not register task {name!r}")
-    where, sep, attr = name.rpartition(":")
+    if ":" not in name:
+        plugin = _plugins().get(name)
+        if plugin is None:
+            raise ValueError(
+                f"unknown task {name!r}; available tasks: {', '.join(available_tasks())} "
+                f"(or give 'pkg.module:Attr' or 'path/to/file.py:Attr')"
+            )
+        try:
+            factory = plugin.load()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"plugin task {name!r} ({plugin.value}) failed to load: {problem}") from exc
+        return _REGISTRY.get(name) or register_task(name, factory)
+    return load_object(name, "task spec")
+
+
+def load_object(spec: str, what: str = "spec") -> Any:
+    """The object ``spec`` names: ``"pkg.module:attr"``, ``"pkg.module.attr"`` or ``"path/to/file.py:attr"``.
+
+    Errors are ValueError or FileNotFoundError naming ``what`` and the spec. A file is loaded once per process
+    under a name derived from its absolute path, and worker processes load it again under the same name.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{what}: expected 'pkg.module:attr' or 'path/to/file.py:attr', got {spec!r}")
+    where, sep, attr = spec.rpartition(":")
     if not sep:
-        raise ValueError(
-            f"unknown task {name!r}; available tasks: {', '.join(available_tasks())} "
-            f"(or give 'pkg.module:Attr' or 'path/to/file.py:Attr')"
-        )
+        where, _, attr = spec.rpartition(".")
     if not attr or not where:
-        raise ValueError(f"task spec {name!r} must look like 'pkg.module:Attr' or 'path/to/file.py:Attr'")
-    module = _load_file_module(where) if where.endswith(".py") else _import_module(where, name)
+        raise ValueError(f"{what} {spec!r} must look like 'pkg.module:attr' or 'path/to/file.py:attr'")
+    module = _load_file_module(where, what) if where.endswith(".py") else _import_module(where, spec, what)
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"task spec {name!r}: {where} has no attribute {attr!r}") from None
+        raise ValueError(f"{what} {spec!r}: {where} has no attribute {attr!r}") from None
 
 
-def _import_module(module_name: str, spec: str):
+def _import_module(module_name: str, spec: str, what: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"task spec {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})") from exc
 
 
-def _load_file_module(path_text: str):
+def _load_file_module(path_text: str, what: str):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path_text} (resolved to {path})")
+        raise FileNotFoundError(f"{what}: file not found: {path_text} (resolved to {path})")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     module_name = f"tinyrl_file_task_{_identifier(path.stem)}_{digest}"
-    module = sys.modules.get(module_name) or _exec_file_module(module_name, str(path))
+    module = sys.modules.get(module_name) or exec_file_module(module_name, str(path))
     _FILE_MODULES[module_name] = str(path)
     return module
+
+
+def file_modules() -> dict[str, str]:
+    """Modules loaded from files in this process: ``{module name: path}``."""
+    return dict(_FILE_MODULES)
 
 
 def _identifier(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in text)
 
 
-def _exec_file_module(module_name: str, path: str):
+def exec_file_module(module_name: str, path: str):
+    """Load the Python file ``path`` as module ``module_name`` (and keep it in ``sys.modules``)."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load Python file {path}")
@@ -224,355 +371,10 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring one sample (shared by the in-process path and the workers)
-# ----------------------------------------------------------------------------------------------------------------
+def __getattr__(attr: str):
+    # Scoring moved to tinyrl.reward_workers; these names stay importable from here for existing code.
+    if attr in ("RewardScorer", "score_batch"):
+        from tinyrl import reward_workers
 
-
-class _SampleTimeout(BaseException):
-    """Raised inside a worker by SIGALRM; a BaseException so a reward's ``except Exception`` cannot swallow it."""
-
-
-_ALARM_ARMED = [False]
-
-
-def _on_alarm(signum, frame):
-    if _ALARM_ARMED[0]:
-        raise _SampleTimeout()
-
-
-def _error_reward(error: str) -> Reward:
-    return Reward(0.0, False, False, {"error": error})
-
-
-def _score_one(task: Any, completion: str, row: dict, alarm_after: float | None) -> Reward:
-    """``task.reward`` with every failure turned into a zero reward that records the error."""
-    try:
-        try:
-            _ALARM_ARMED[0] = alarm_after is not None
-            if alarm_after is not None:
-                signal.setitimer(signal.ITIMER_REAL, alarm_after)
-            reward = task.reward(completion, row)
-        finally:
-            _ALARM_ARMED[0] = False
-            if alarm_after is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SampleTimeout:
-        return _error_reward("timeout")
-    except (Exception, SystemExit) as exc:
-        return _error_reward(f"{type(exc).__name__}: {exc}")
-    if not isinstance(reward, Reward):
-        return _error_reward(f"reward returned {type(reward).__name__}, not Reward")
-    return reward
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Worker processes
-# ----------------------------------------------------------------------------------------------------------------
-#
-# Protocol: the parent sends a chunk as a list of (completion, row) pairs, or None to stop. Before each sample the
-# worker writes (index in chunk, start time) into a shared array, so when the parent kills a stuck worker or sees
-# one die it knows which sample to blame; the worker answers once per chunk with ("done", [reward tuples]).
-# Worker-to-parent messages: ("ready",), ("init_error", text), ("done", results).
-
-
-def _worker_main(conn, task_bytes: bytes, file_modules: list[tuple[str, str]], progress, timeout: float) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes us
-    try:
-        for module_name, path in file_modules:
-            if module_name not in sys.modules:
-                _exec_file_module(module_name, path)
-        task = pickle.loads(task_bytes)
-    except BaseException:
-        conn.send(("init_error", traceback.format_exc()))
-        return
-    alarm_after = None
-    if hasattr(signal, "setitimer"):
-        signal.signal(signal.SIGALRM, _on_alarm)
-        alarm_after = timeout
-    conn.send(("ready",))
-    while True:
-        try:
-            chunk = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return
-        if chunk is None:
-            return
-        out = []
-        for i, (completion, row) in enumerate(chunk):
-            progress[0] = i
-            progress[1] = time.monotonic()
-            r = _score_one(task, completion, row, alarm_after)
-            out.append((r.score, r.correct, r.formatted, r.info))
-        progress[1] = 0.0
-        try:
-            conn.send(("done", out))
-        except Exception:  # a reward put something into info that cannot cross processes; nothing was sent
-            conn.send(("done", [_picklable(result) for result in out]))
-
-
-_START_TIMEOUT = 300.0  # seconds a new worker may take to import the task's modules
-
-
-def _file_modules_in(task_bytes: bytes) -> list[tuple[str, str]]:
-    """The file-loaded modules a pickled task refers to (a pickle names the module of every class it holds)."""
-    return sorted((name, path) for name, path in _FILE_MODULES.items() if name.encode() in task_bytes)
-
-
-def _picklable(result: tuple) -> tuple:
-    try:
-        pickle.dumps(result)
-        return result
-    except Exception as exc:
-        return (0.0, False, False, {"error": f"reward info cannot be sent between processes: {exc}"})
-
-
-class _Worker:
-    def __init__(self, ctx, task_bytes: bytes, timeout: float):
-        self.progress = ctx.RawArray("d", 2)
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        self.conn = parent_conn
-        self.process = ctx.Process(
-            target=_worker_main,
-            args=(child_conn, task_bytes, _file_modules_in(task_bytes), self.progress, timeout),
-            daemon=True,
-            name="tinyrl-reward-worker",
-        )
-        self.process.start()
-        child_conn.close()
-        self.ready = False
-        self.chunk: list[int] | None = None  # sample indices being scored, None when idle
-
-    def running_since(self) -> float | None:
-        started = self.progress[1]
-        return started if self.chunk is not None and started > 0.0 else None
-
-    def ask_to_stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send(None)
-            except (OSError, ValueError):
-                pass
-
-    def stop(self, wait: float = 1.0) -> None:
-        self.ask_to_stop()
-        self.process.join(wait)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
-def _stop_workers(workers: list[_Worker]) -> None:
-    for w in workers:
-        w.ask_to_stop()  # all at once, so they wind down in parallel
-    deadline = time.monotonic() + 1.0
-    for w in workers:
-        w.stop(wait=max(0.0, deadline - time.monotonic()))
-    workers.clear()
-
-
-class RewardScorer:
-    """Scores completions with ``task.reward`` in persistent worker processes, with a per-sample time limit.
-
-    A reward that raises scores 0 with the error in ``info["error"]``; one that runs longer than ``timeout``
-    seconds scores 0 with ``info["error"] == "timeout"``; one that kills its worker (os._exit, a segfault)
-    scores 0 and the worker is replaced. The batch always completes and keeps input order.
-
-    Workers are started with the "spawn" method (the trainer process holds torch threads, which fork would
-    copy in a broken state); they receive the pickled task once. Inside a worker a timer signal interrupts a
-    slow reward at ``timeout``; a computation stuck in C code ignores it, so the parent kills the worker after
-    ``timeout`` plus a grace period and starts a new one.
-
-    ``workers=0`` scores in this process: exceptions are still caught, but there is no time limit.
-    """
-
-    def __init__(self, task: Task, workers: int = 2, timeout: float = 2.0):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"RewardScorer: workers must be an integer >= 0, got {workers!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-            raise ValueError(f"RewardScorer: timeout must be a positive number of seconds, got {timeout!r}")
-        if not callable(getattr(task, "reward", None)):
-            raise TypeError(f"RewardScorer: {type(task).__name__} has no callable reward(completion, row)")
-        self.task = task
-        self.workers = workers
-        self.timeout = float(timeout)
-        self.kill_after = self.timeout + min(1.0, self.timeout)  # the in-worker signal gets a chance first
-        self.stats = {"scored": 0, "errors": 0, "timeouts": 0, "worker_restarts": 0}
-        self._pool: list[_Worker] = []
-        self._failed_starts = 0  # replacement workers that died before they were ready, in a row
-        self._closed = False
-        if workers == 0:
-            return
-        try:
-            self._task_bytes = pickle.dumps(task)
-        except Exception as exc:
-            raise TypeError(
-                f"RewardScorer: task {type(task).__qualname__} cannot be pickled for worker processes ({exc}); "
-                "define it at module level or use workers=0"
-            ) from exc
-        self._ctx = multiprocessing.get_context("spawn")
-        self._finalizer = weakref.finalize(self, _stop_workers, self._pool)
-        self._pool.extend(_Worker(self._ctx, self._task_bytes, self.timeout) for _ in range(workers))
-        try:
-            for w in self._pool:
-                self._await_ready(w)
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> RewardScorer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the workers. Safe to call twice."""
-        self._closed = True
-        if self._pool:
-            self._finalizer()
-
-    def score(self, completions: list[str], rows: list[dict]) -> list[Reward]:
-        """One Reward per completion, in input order; ``rows[i]`` is the problem ``completions[i]`` answers."""
-        if self._closed:
-            raise RuntimeError("RewardScorer.score called after close()")
-        completions, rows = list(completions), list(rows)
-        if len(completions) != len(rows):
-            raise ValueError(f"RewardScorer.score: {len(completions)} completions but {len(rows)} rows")
-        for i, c in enumerate(completions):
-            if not isinstance(c, str):
-                raise TypeError(f"RewardScorer.score: completions[{i}] is {type(c).__name__}, not str")
-        if self.workers == 0:
-            results = [_score_one(self.task, c, r, None) for c, r in zip(completions, rows)]
-        else:
-            results = self._score_in_workers(completions, rows)
-        self.stats["scored"] += len(results)
-        for r in results:
-            error = r.info.get("error") if isinstance(r.info, dict) else None
-            if error == "timeout":
-                self.stats["timeouts"] += 1
-            elif error is not None:
-                self.stats["errors"] += 1
-        return results
-
-    # -- worker management ------------------------------------------------------------------------------------
-
-    def _await_ready(self, w: _Worker) -> None:
-        msg = None
-        try:
-            if not w.conn.poll(_START_TIMEOUT):
-                raise RuntimeError(f"reward worker did not start within {_START_TIMEOUT:.0f} s")
-            msg = w.conn.recv()
-        except (EOFError, OSError):
-            pass
-        if msg == ("ready",):
-            w.ready = True
-            return
-        if msg is not None and msg[0] == "init_error":
-            raise RuntimeError(f"reward worker could not load task {type(self.task).__qualname__}:\n{msg[1]}")
-        w.process.join(1.0)
-        raise RuntimeError(f"reward worker exited during start-up (exit code {w.process.exitcode})")
-
-    def _replace(self, w: _Worker) -> _Worker:
-        w.stop(wait=0)
-        fresh = _Worker(self._ctx, self._task_bytes, self.timeout)
-        self._pool[self._pool.index(w)] = fresh
-        self.stats["worker_restarts"] += 1
-        return fresh
-
-    def _score_in_workers(self, completions: list[str], rows: list[dict]) -> list[Reward]:
-        n = len(completions)
-        results: list[Reward | None] = [None] * n
-        # Several chunks per worker balance the load; a chunk bounds the rework after a kill.
-        size = max(1, min(64, math.ceil(n / (4 * self.workers))))
-        pending = deque(list(range(i, min(i + size, n))) for i in range(0, n, size))
-
-        unattributed = 0
-
-        def blame(w: _Worker, error: str) -> None:
-            # The sample the worker was on gets the error; the rest of its chunk is scored again elsewhere.
-            nonlocal unattributed
-            chunk, w.chunk = w.chunk or [], None
-            if not chunk:
-                return
-            if w.progress[1] == 0.0:  # lost before it started a sample: no sample is to blame
-                unattributed += 1
-                if unattributed > 2 * self.workers + 2:
-                    raise RuntimeError("reward workers keep dying before they score anything")
-                pending.appendleft(chunk)
-                return
-            at = min(int(w.progress[0]), len(chunk) - 1)
-            results[chunk[at]] = _error_reward(error)
-            rest = chunk[:at] + chunk[at + 1 :]
-            if rest:
-                pending.appendleft(rest)
-
-        while pending or any(w.chunk is not None for w in self._pool):
-            for w in self._pool:
-                if w.ready and w.chunk is None and pending:
-                    chunk = pending.popleft()
-                    try:
-                        payload = pickle.dumps([(completions[i], rows[i]) for i in chunk])
-                    except Exception as exc:
-                        raise TypeError(f"RewardScorer.score: rows cannot be sent to a worker ({exc})") from exc
-                    w.chunk = chunk
-                    w.progress[1] = 0.0
-                    try:
-                        w.conn.send_bytes(payload)
-                    except OSError:
-                        pass  # the worker died; the next pass over the pool replaces it and requeues the chunk
-            now = time.monotonic()
-            deadlines = [s + self.kill_after for w in self._pool if (s := w.running_since()) is not None]
-            wait_for = max(0.0, min(deadlines) - now) if deadlines else self.kill_after
-            waitables = [w.conn for w in self._pool] + [w.process.sentinel for w in self._pool]
-            multiprocessing.connection.wait(waitables, timeout=wait_for)
-            for w in list(self._pool):
-                self._service(w, results, blame)
-        return results  # type: ignore[return-value]
-
-    def _service(self, w: _Worker, results: list, blame: Callable[[_Worker, str], None]) -> None:
-        try:
-            has_message = w.conn.poll()
-        except (EOFError, OSError):
-            has_message = False
-        if has_message:
-            try:
-                msg = w.conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            if msg is not None:
-                kind = msg[0]
-                if kind == "ready":
-                    w.ready = True
-                    self._failed_starts = 0
-                elif kind == "done" and w.chunk is not None:
-                    for i, (score, correct, formatted, info) in zip(w.chunk, msg[1]):
-                        results[i] = Reward(score, correct, formatted, info)
-                    w.chunk = None
-                elif kind == "init_error":
-                    raise RuntimeError(f"reward worker could not load task after a restart:\n{msg[1]}")
-                return
-        if not w.process.is_alive():
-            w.process.join()
-            if not w.ready:
-                self._failed_starts += 1
-                if self._failed_starts > 3:
-                    raise RuntimeError(f"reward workers keep exiting during start-up (exit code {w.process.exitcode})")
-            blame(w, f"worker died (exit code {w.process.exitcode})")
-            self._replace(w)
-            return
-        started = w.running_since()
-        if started is not None and time.monotonic() - started > self.kill_after:
-            w.process.kill()
-            w.process.join()
-            blame(w, "timeout")
-            self._replace(w)
-
-
-def score_batch(
-    task: Task, completions: list[str], rows: list[dict], workers: int = 2, timeout: float = 2.0
-) -> list[Reward]:
-    """Score one batch with a throw-away RewardScorer (prefer one long-lived RewardScorer for many batches)."""
-    with RewardScorer(task, workers=workers, timeout=timeout) as scorer:
-        return scorer.score(completions, rows)
+        return getattr(reward_workers, attr)
+    raise AttributeError(f"module 'tinyrl.task' has no attribute {attr!r}")

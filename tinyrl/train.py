@@ -1,13 +1,19 @@
 """`tinyrl.train(config)` from Python, and `python -m tinyrl.train [overrides]` from a shell (same as tinyrl-train).
 
 The module is callable so that `import tinyrl.train` (which makes `tinyrl.train` name this module) and
-`tinyrl.train(config)` never disagree.
+`tinyrl.train(config)` never disagree. The experiment is imported on the first call, so a command-line config
+error is reported before torch loads.
 """
 
 import sys
 import types
 
-from tinyrl.experiment import train
+
+def train(config):
+    """`tinyrl.experiment.train`: run a whole experiment; a plain dict gets the same defaults as `tinyrl-train`."""
+    from tinyrl.experiment import train as run_experiment
+
+    return run_experiment(config)
 
 
 class _CallableModule(types.ModuleType):

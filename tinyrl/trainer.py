@@ -8,28 +8,35 @@ summary) is `tinyrl.experiment.train(config)`.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from tinyrl import algorithms
-from tinyrl.batch import RolloutBatch, build_batch, split_by_tokens
-from tinyrl.checkpoint import capture_rng, restore_rng, save_checkpoint
+from tinyrl.batch import RolloutBatch, build_batch
+from tinyrl.checkpoint import capture_rng, restore_rng
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
-from tinyrl.devices import resolve_device, resolve_dtype
-from tinyrl.eval_checkpoint import evaluate_policy
+from tinyrl.console import held_out_line
+from tinyrl.devices import resolve_attn_implementation, resolve_dtype
+from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
+from tinyrl.eval_checkpoint import sample_eval, summarize_samples, write_eval_samples
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, Progress, write_samples
+from tinyrl.metrics import MetricsWriter, NullWriter, Progress, write_samples
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
+from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.rollout import SamplingConfig, make_engine
 from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import RewardScorer, get_task
+from tinyrl.reward_report import RewardErrorLog, component_metrics
+from tinyrl.reward_workers import RewardScorer
+from tinyrl.task import complete_task, get_task
 
 log = logging.getLogger("tinyrl")
 
@@ -40,6 +47,8 @@ MEMORY_KNOBS = (
     "rollout.gpu_memory_utilization",
     "rollout.max_response_tokens",
     "trainer.prompts_per_step",
+    "distributed.cpu_offload",
+    "more GPUs (torchrun --nproc_per_node)",
 )
 
 
@@ -48,8 +57,24 @@ def step_seed(seed: int, step: int, round_: int) -> int:
     return int(np.random.default_rng([seed, step, round_, 7]).integers(0, 2**62))
 
 
+class Group(NamedTuple):
+    """One prompt's completions: `index` of the training row, `members` (completion, reward) pairs, their
+    `shaped` scores, and `id`, the group's position among the step's groups on all ranks together (the order
+    one process would have them in)."""
+
+    index: int
+    members: list
+    shaped: list[float]
+    id: int
+
+
 class RLTrainer:
-    """One RL run over a loaded policy. Build it with `RLTrainer.from_config` or from your own objects."""
+    """One RL run over a loaded policy. Build it with `RLTrainer.from_config` or from your own objects.
+
+    Under torchrun every rank builds one; `world` (default: `init_world`) says which rank this is. Each rank
+    samples its own share of the step's prompts; the step then computes what one process would compute on
+    all of them (see tinyrl/distributed.py for how ranks stay in step).
+    """
 
     def __init__(
         self,
@@ -63,38 +88,56 @@ class RLTrainer:
         reference=None,
         critic=None,
         engine=None,
+        world: World | None = None,
     ):
         self.cfg = cfg
+        self.world = world or init_world(cfg.device, cfg.distributed.timeout_s)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.policy, self.tokenizer, self.task = policy, tokenizer, task
-        self.reference, self.critic = reference, critic
-        self.device = resolve_device(cfg.device)
+        self.device = self.world.device
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         if uses_reference(cfg.algorithm) and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model")
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
+        self.world.check_cpu_offload(cfg.distributed.cpu_offload)
+        shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
+        self.policy = self.world.shard(policy, **shard_options)
+        self.reference = self.world.shard(reference, **shard_options)
+        self.critic = self.world.shard(critic, **shard_options)
+        task = complete_task(task)
+        self.tokenizer, self.task = tokenizer, task
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         template, max_prompt = cfg.model.template, cfg.rollout.max_prompt_tokens
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.train_prompts = encode_prompts(task, train_rows, tokenizer, template, max_prompt, "training")
         self.eval_prompts = encode_prompts(task, eval_rows, tokenizer, template, max_prompt, "evaluation")
-        self.engine = engine or make_engine(cfg.rollout.engine, policy, tokenizer, batch_size=cfg.rollout.batch_size)
+        self.engine = engine or make_engine(cfg.rollout.engine, self.policy, tokenizer, batch_size=cfg.rollout.batch_size)
         self.sampler = PromptSampler(len(train_rows), cfg.seed)
 
         t = cfg.trainer
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # the micro-batch layout of the log-prob, value and update passes (None: padded)
+        models = [m for m in (self.policy, self.reference, self.critic) if m is not None]
+        self.packed_layout = layout_for(t.packing, models)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        if critic is not None:
-            self.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay)
+        if self.critic is not None:
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=t.critic_lr, weight_decay=t.weight_decay)
         self.guard = NonFiniteGuard(t.max_bad_steps)
-        self.timer = PhaseTimer(memory_knobs=MEMORY_KNOBS)
+        self.timer = PhaseTimer(memory_knobs=MEMORY_KNOBS, on_phase=self.world.mark)
         self.step_count = 0
         self.extra_state: dict[str, Any] = {}
-        self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-        self.scorer = RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s)
+        self.metrics = (
+            MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
+            if self.world.is_main else NullWriter()
+        )
+        errors_file = "reward_errors.jsonl" if self.world.is_main else f"reward_errors.rank{self.world.rank}.jsonl"
+        self.reward_errors = RewardErrorLog(self.run_dir / errors_file)  # every rank keeps its own failures
+        self.scorer = RewardScorer(
+            task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s, cpu_s=cfg.task.reward_cpu_s,
+            memory_mb=cfg.task.reward_memory_mb, on_errors=self.reward_errors,
+        )
 
     @classmethod
     def from_config(
@@ -109,6 +152,7 @@ class RLTrainer:
         task=None,
         train_rows: list[dict] | None = None,
         eval_rows: list[dict] | None = None,
+        world: World | None = None,
     ) -> "RLTrainer":
         """Build the trainer a config describes: task and splits, policy (unless given), reference, critic.
 
@@ -117,7 +161,12 @@ class RLTrainer:
         from tinyrl.models import enable_activation_checkpointing, load_critic, load_policy
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
-        device = resolve_device(cfg.device)
+        world = world or init_world(cfg.device, cfg.distributed.timeout_s)
+        device = world.load_device
+        attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
+        # The frozen reference is stored in the compute dtype (half the memory of float32 on GPU).
+        reference_dtype = resolve_dtype(cfg.model.dtype, world.device)
+        reference_dtype = None if reference_dtype == torch.float32 else reference_dtype
         task = task or get_task(cfg.task.name, **cfg.task.kwargs)
         if train_rows is None:
             train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
@@ -127,18 +176,23 @@ class RLTrainer:
         if start_path is None:
             raise ValueError("model.path: RLTrainer.from_config needs a model path (or pass policy= and start_path=)")
         if policy is None:
-            policy, tokenizer = load_policy(start_path, device=device)
+            policy, tokenizer = load_policy(start_path, device=device, attn_implementation=attention)
         if cfg.model.gradient_checkpointing:
             enable_activation_checkpointing(policy)
         reference = critic = None
         if uses_reference(cfg.algorithm):
-            reference, _ = load_policy(start_path, device=device)
+            reference, _ = load_policy(
+                start_path, device=device, dtype=reference_dtype, attn_implementation=attention
+            )
             reference.requires_grad_(False).eval()
         if uses_critic(cfg.algorithm):
-            critic = load_critic(critic_path or cfg.model.critic_path or start_path, device=device)
+            critic = load_critic(
+                critic_path or cfg.model.critic_path or start_path, device=device, attn_implementation=attention
+            )
             if cfg.model.gradient_checkpointing:
                 enable_activation_checkpointing(critic)
-        return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic)
+        return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
+                   world=world)
 
     def close(self) -> None:
         """Stop the reward workers and flush the metrics sinks."""
@@ -152,40 +206,50 @@ class RLTrainer:
 
         # 1-4. sample prompts, generate n completions each, score them (DAPO dynamic sampling may add rounds)
         groups, scored = self._collect_groups(step)
-        self._rollout_metrics(scored, metrics)
+        num_groups = int(self.world.sum(len(groups)))  # on every rank together
+        outcomes = self._outcomes(scored)
+        limit = cfg.task.reward_error_limit
+        self.reward_errors.check([r for r, _, _ in outcomes], limit, step, "task.reward_error_limit")
+        self._rollout_metrics(outcomes, metrics)
         if cfg.trainer.samples_every and step % cfg.trainer.samples_every == 0:
             self._write_samples(step, scored)
-        if not groups:
-            log.warning("step %d: every group had equal rewards; no update", step)
+        if num_groups == 0:
+            if self.world.is_main:
+                log.warning("step %d: every group had equal rewards; no update", step)
             metrics["train/groups_used"] = 0.0
             self.step_count = step
-            return {**metrics, **self.timer.metrics()}
+            return {**metrics, **self._timings()}
 
-        # 5. assemble the batch
+        # 5. assemble the batch (a rank whose groups all fell to dynamic sampling keeps in step on a masked row)
         with self.timer.phase("assemble", step):
-            batch = self._assemble(groups)
-        metrics["train/groups_used"] = float(len(groups))
+            batch = self._assemble(groups) if groups else self._idle_batch()
+        metrics["train/groups_used"] = float(num_groups)
 
         # 6. forward passes without gradient
         t = cfg.trainer
-        on_policy = t.ppo_epochs == 1 and t.prompts_per_mini_batch >= len(groups)
+        on_policy = t.ppo_epochs == 1 and t.prompts_per_mini_batch >= num_groups
         temperature = cfg.rollout.temperature
         with self.timer.phase("old_logprobs", step):
             if not on_policy:
                 if self._rollout_logprobs_are_exact():
                     batch.old_logprobs = batch.rollout_logprobs
                 else:
-                    batch.old_logprobs = batched_logprobs(
-                        self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
-                    )
+                    with self.world.gathered(self.policy):
+                        batch.old_logprobs = batched_logprobs(
+                            self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                            self.packed_layout,
+                        )
         if self.reference is not None:
-            with self.timer.phase("ref_logprobs", step):
+            with self.timer.phase("ref_logprobs", step), self.world.gathered(self.reference):
                 batch.ref_logprobs = batched_logprobs(
-                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype
+                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                    self.packed_layout,
                 )
         if self.critic is not None:
-            with self.timer.phase("values", step):
-                batch.values = batched_values(self.critic, batch, t.micro_batch_tokens, self.device, self.dtype)
+            with self.timer.phase("values", step), self.world.gathered(self.critic):
+                batch.values = batched_values(
+                    self.critic, batch, t.micro_batch_tokens, self.device, self.dtype, self.packed_layout
+                )
 
         # 7. advantages
         with self.timer.phase("advantages", step):
@@ -199,56 +263,81 @@ class RLTrainer:
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
-                metrics["policy/kl_in_reward"] = float(algorithms.masked_mean(kl, batch.response_mask))
-            batch.advantages, batch.returns = algorithms.compute_advantages(
-                a.advantage,
-                rewards,
-                batch.response_mask,
-                group_index=batch.group_index,
-                values=batch.values,
-                gamma=a.gamma,
-                lam=a.lam,
-                norm_by_std=a.norm_by_std,
-            )
+                mask = batch.response_mask > 0
+                tokens = self.world.sum(float(mask.sum()))
+                metrics["policy/kl_in_reward"] = self.world.sum(float(kl[mask].sum())) / max(tokens, 1.0)
+            batch.advantages, batch.returns = self._advantages(rewards, batch)
 
         # 8. update
         with self.timer.phase("update", step):
-            metrics.update(self._update(batch, step, on_policy))
+            metrics.update(self._update(batch, step, on_policy, num_groups))
 
         # 9. push the new weights to the rollout engine
         with self.timer.phase("sync", step):
-            call_with_timeout(self.engine.update_weights, cfg.rollout.timeout_s, "rollout weight sync", self.policy)
+            call_with_timeout(self._sync_weights, cfg.rollout.timeout_s, "rollout weight sync")
 
         self.step_count = step
         metrics["optim/lr"] = self.schedule.get_last_lr()[0]
-        return {**metrics, **self.timer.metrics()}
+        return {**metrics, **self._timings()}
 
-    def _collect_groups(self, step: int):
-        """Generate and score until `prompts_per_step` usable groups exist (one round unless dynamic sampling)."""
+    def _collect_groups(self, step: int) -> tuple[list[Group], list]:
+        """Generate and score until this rank has its share of `prompts_per_step` usable groups (one round
+        unless dynamic sampling).
+
+        All ranks draw from one prompt order: each round takes as many prompts as all ranks still need and
+        gives each rank a contiguous block, sampled with seeds of the block's place in the round; so the
+        ranks together generate, score and keep exactly what one process would.
+        """
         cfg, a = self.cfg, self.cfg.algorithm
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
-        groups, scored = [], []
-        for round_ in range(rounds):
-            need = cfg.trainer.prompts_per_step - len(groups)
-            if need <= 0:
-                break
-            indices = self.sampler.take(need)
-            with self.timer.phase("generate", step):
-                completions = self._generate([self.train_prompts[i] for i in indices], step_seed(cfg.seed, step, round_))
-            with self.timer.phase("score", step):
-                rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
-                rewards = self.scorer.score([c.text for c in completions], rows)
-            n = cfg.rollout.n
-            for g, index in enumerate(indices):
-                members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
-                scored.extend((index, c, r) for c, r in members)
-                shaped = [self._shaped_score(c, r) for c, r in members]
-                if a.dynamic_sampling and max(shaped) - min(shaped) < 1e-9:
-                    continue
-                groups.append((index, members, shaped))
-        return groups[: cfg.trainer.prompts_per_step], scored
+        target = len(self.world.share(cfg.trainer.prompts_per_step))
+        found: list[tuple[int, list, list[float]]] = []
+        kept_per_round: list[int] = []
+        scored = []
+        self.reward_errors.where = f"step {step}"
+        with self.world.gathered(*self._sampling_models()):
+            for round_ in range(rounds):
+                need = target - len(found)
+                needs = self.world.all_gather(need)
+                if sum(needs) == 0:
+                    break
+                offset = sum(needs[: self.world.rank])
+                indices = self.sampler.take(sum(needs))[offset : offset + need]
+                kept = 0
+                if indices:
+                    with self.timer.phase("generate", step):
+                        prompts = [self.train_prompts[i] for i in indices]
+                        completions = self._generate(prompts, step_seed(cfg.seed, step, round_), offset)
+                    with self.timer.phase("score", step):
+                        rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
+                        rewards = self.scorer.score(
+                            [c.text for c in completions], rows, [c.token_ids for c in completions]
+                        )
+                    n = cfg.rollout.n
+                    for g, index in enumerate(indices):
+                        members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
+                        scored.extend((index, c, r) for c, r in members)
+                        shaped = [self._shaped_score(c, r) for c, r in members]
+                        if a.dynamic_sampling and max(shaped) - min(shaped) < 1e-9:
+                            continue
+                        found.append((index, members, shaped))
+                        kept += 1
+                kept_per_round.append(kept)
+        # A group's id is its place among all ranks' kept groups, round by round, rank block by rank block.
+        kept_by_rank = self.world.all_gather(kept_per_round)
+        ids, first = [], 0
+        for round_ in range(len(kept_per_round)):
+            for rank, kept_list in enumerate(kept_by_rank):
+                if rank == self.world.rank:
+                    ids.extend(range(first, first + kept_list[round_]))
+                first += kept_list[round_]
+        return [Group(index, members, shaped, id_) for (index, members, shaped), id_ in zip(found, ids)], scored
 
-    def _generate(self, prompts, seed: int):
+    def _sampling_models(self) -> list:
+        """The models the rollout engine runs itself: the policy, when the engine samples from it directly."""
+        return [self.policy] if getattr(self.engine, "shares_policy_weights", False) else []
+
+    def _generate(self, prompts, seed: int, prompt_offset: int = 0):
         r = self.cfg.rollout
         sampling = SamplingConfig(
             max_new_tokens=r.max_response_tokens,
@@ -258,8 +347,17 @@ class RLTrainer:
             top_k=r.top_k,
             stop=tuple(getattr(self.task, "stop", ())),
             seed=seed,
+            prompt_offset=prompt_offset,
         )
         return call_with_timeout(self.engine.generate, r.timeout_s, "rollout generation", prompts, sampling)
+
+    def _sync_weights(self) -> None:
+        """Give the rollout engine the updated weights: nothing to copy when it samples from the policy itself,
+        else the full weights as `(hf_name, tensor)` pairs, gathered one tensor at a time."""
+        if not getattr(self.engine, "shares_policy_weights", False) and hasattr(self.engine, "load_weights"):
+            self.engine.load_weights(self.world.full_weights(self.policy))
+        else:
+            self.engine.update_weights(self.policy)
 
     def _shaped_score(self, completion, reward) -> float:
         """The reward after DAPO's soft overlong punishment (if on): a linear penalty in the last buffer tokens."""
@@ -271,14 +369,14 @@ class RLTrainer:
                 score -= a.overlong_penalty * min(1.0, excess / a.overlong_buffer)
         return score
 
-    def _assemble(self, groups) -> RolloutBatch:
+    def _assemble(self, groups: list[Group]) -> RolloutBatch:
         prompt_ids, response_ids, scores, group_index, rollout_logprobs, truncated = [], [], [], [], [], []
-        for g, (index, members, shaped) in enumerate(groups):
-            for (completion, _), score in zip(members, shaped):
-                prompt_ids.append(self.train_prompts[index])
+        for group in groups:
+            for (completion, _), score in zip(group.members, group.shaped):
+                prompt_ids.append(self.train_prompts[group.index])
                 response_ids.append(completion.token_ids)
                 scores.append(score)
-                group_index.append(g)
+                group_index.append(group.id)
                 rollout_logprobs.append(completion.logprobs or [0.0] * len(completion.token_ids))
                 truncated.append(completion.finish_reason == "length")
         batch = build_batch(prompt_ids, response_ids, scores, group_index, self.pad_id, rollout_logprobs)
@@ -287,16 +385,48 @@ class RLTrainer:
             batch.response_mask[torch.tensor(truncated, dtype=torch.bool)] = 0.0
         return batch
 
-    def _update(self, batch: RolloutBatch, step: int, on_policy: bool) -> dict[str, float]:
-        """`ppo_epochs` passes over mini-batches of whole groups; one optimizer step per mini-batch."""
-        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.trainer
-        groups = batch.group_index.unique().tolist()
+    def _idle_batch(self) -> RolloutBatch:
+        """One row of one pad token each side and nothing in the loss (group -1 is in no mini-batch): what a
+        rank with no rows of its own computes on, so that it runs the passes the other ranks run."""
+        batch = build_batch([[self.pad_id]], [[self.pad_id]], [0.0], [-1], self.pad_id, [[0.0]])
+        batch.response_mask.zero_()
+        return batch
+
+    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages and returns of this rank's rows, estimated over the rows of all ranks together, so that
+        estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would."""
+        a = self.cfg.algorithm
+        parts = self.world.all_gather((rewards, batch.response_mask, batch.group_index, batch.values))
+        width = max(part[1].shape[1] for part in parts)
+
+        def joined(i):
+            if parts[0][i] is None:
+                return None
+            return torch.cat([_pad_columns(part[i], width) for part in parts])
+
+        advantages, returns = algorithms.compute_advantages(
+            a.advantage, joined(0), joined(1), group_index=joined(2), values=joined(3), gamma=a.gamma, lam=a.lam,
+            norm_by_std=a.norm_by_std,
+        )
+        first = sum(part[1].shape[0] for part in parts[: self.world.rank])
+        rows, cols = slice(first, first + batch.size), slice(0, batch.response_width)
+        return advantages[rows, cols].contiguous(), returns[rows, cols].contiguous()
+
+    def _update(self, batch: RolloutBatch, step: int, on_policy: bool, num_groups: int) -> dict[str, float]:
+        """`ppo_epochs` passes over mini-batches of whole groups; one optimizer step per mini-batch.
+
+        Mini-batches are drawn from the ids of all ranks' groups; each rank trains on its rows among them.
+        """
+        cfg, t = self.cfg, self.cfg.trainer
         per_mini = t.prompts_per_mini_batch
         order_rng = np.random.default_rng([cfg.seed, step, 3])
+        group_ids = list(range(num_groups))
         sums: dict[str, list[float]] = {}
         self.policy.train()
         for epoch in range(t.ppo_epochs):
-            shuffled = order_rng.permutation(groups).tolist() if t.ppo_epochs > 1 or len(groups) > per_mini else groups
+            shuffled = (
+                order_rng.permutation(num_groups).tolist() if t.ppo_epochs > 1 or num_groups > per_mini else group_ids
+            )
             for start in range(0, len(shuffled), per_mini):
                 chosen = set(shuffled[start : start + per_mini])
                 rows = [i for i in range(batch.size) if int(batch.group_index[i]) in chosen]
@@ -307,94 +437,153 @@ class RLTrainer:
         return {key: float(np.mean(values)) for key, values in sums.items()}
 
     def _optimizer_step(self, batch: RolloutBatch, rows: list[int], step: int, on_policy: bool) -> dict[str, float]:
-        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.trainer
+        """One optimizer step on this rank's `rows` of a mini-batch (all ranks call it for the same mini-batch).
+
+        The loss is normalised over the whole mini-batch on all ranks. FSDP averages the ranks' gradients, so
+        each rank divides by (global divisor / world size): the average is then exactly the gradient of the
+        whole mini-batch's loss. Every rank runs the same number of forward/backward passes (each one is a
+        collective under FSDP); a rank with fewer micro-batches runs zero-weight passes on a one-token row.
+        """
+        cfg, a, t, world = self.cfg, self.cfg.algorithm, self.cfg.trainer, self.world
         # The divisor covers every row of the mini-batch, including rows skipped below.
-        normalizer = algorithms.loss_normalizer(a.loss_agg, [batch.response_mask[rows]], constant=self._agg_constant())
-        totals: dict[str, float] = {}
+        local = algorithms.loss_normalizer(a.loss_agg, [batch.response_mask[rows]], constant=self._agg_constant())
+        normalizer = algorithms.LossNormalizer(local.mode, world.sum(local.value) / world.size)
+        totals: dict[str, float] = {}  # already the same on every rank
+        shares: dict[str, float] = {}  # this rank's share of a mini-batch figure: summed over ranks
+        peaks: dict[str, float] = {}  # maxima over ranks
         if self._loss_vanishes_without_advantage():
             # Rows whose advantages are all zero (e.g. GRPO groups with equal rewards) add exactly nothing to
             # the loss or its gradient; skipping their forward/backward passes changes no number.
             signal = (batch.advantages[rows].abs() * batch.response_mask[rows]).sum(-1) > 0
+            kept, seen = world.sum(float(signal.sum())), world.sum(len(rows))
             rows = [r for r, keep in zip(rows, signal.tolist()) if keep]
-            totals["train/rows_with_signal"] = float(signal.float().mean())
-            if not rows:
+            totals["train/rows_with_signal"] = kept / seen
+            if kept == 0:
                 return {**totals, "optim/skipped": 1.0}
-        micro = split_by_tokens(batch, rows, t.micro_batch_tokens)
+        micro, packing = plan_micro_batches(batch, rows, t.micro_batch_tokens, self.packed_layout)
+        passes = int(world.max(len(micro)))
+        tokens = max(world.sum(float(batch.response_mask[rows].sum())), 1.0)
         want_entropy = True
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        for m in micro:
-            mb = batch.select(m).to(self.device)
-            weight = len(m) / len(rows)  # share of the mini-batch, to average per-micro-batch metrics
+        loss_total, diverged = 0.0, False
+        for i in range(passes):
+            if i >= len(micro) or diverged:
+                self._idle_pass(self.policy)
+                continue
+            mb = batch.select(micro[i]).to(self.device)
+            weight = float(mb.response_mask.sum()) / tokens  # share of the mini-batch's tokens, for token means
             with autocast_for(self.device, self.dtype):
-                logprobs, entropy = token_logprobs(self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy)
-                if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
-                    loss_total = float("nan")  # the guard below skips this update (and stops a diverged run)
-                    break
-                old = logprobs.detach() if on_policy else mb.old_logprobs
-                loss, pm = algorithms.policy_loss(
-                    a.policy_loss,
-                    logprobs,
-                    old,
-                    mb.advantages,
-                    mb.response_mask,
-                    clip_low=a.clip_low,
-                    clip_high=a.clip_high,
-                    dual_clip=a.dual_clip,
-                    agg=a.loss_agg,
-                    normalizer=normalizer,
+                logprobs, entropy = token_logprobs(
+                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing
                 )
-                totals["losses/policy"] = totals.get("losses/policy", 0.0) + loss.item()
-                if mb.ref_logprobs is not None:
-                    kl = algorithms.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator)
-                    kl_term = algorithms.aggregate(kl, mb.response_mask, a.loss_agg, normalizer=normalizer)
-                    if not a.kl_in_reward:
-                        loss = loss + a.kl_coef * kl_term
-                    totals["policy/kl"] = totals.get("policy/kl", 0.0) + kl_term.item()
-                if entropy is not None:
-                    entropy_term = algorithms.aggregate(entropy, mb.response_mask, a.loss_agg, normalizer=normalizer)
-                    if a.entropy_coef:
-                        loss = loss - a.entropy_coef * entropy_term
-                    totals["policy/entropy"] = totals.get("policy/entropy", 0.0) + entropy_term.item()
+                if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
+                    # The guard below skips this update (and stops a diverged run); the backward still runs
+                    # so that this rank's passes stay in step with the other ranks'.
+                    loss_total, diverged = float("nan"), True
+                    loss = logprobs.sum() * 0.0
+                else:
+                    old = logprobs.detach() if on_policy else mb.old_logprobs
+                    loss, pm = algorithms.policy_loss(
+                        a.policy_loss,
+                        logprobs,
+                        old,
+                        mb.advantages,
+                        mb.response_mask,
+                        clip_low=a.clip_low,
+                        clip_high=a.clip_high,
+                        dual_clip=a.dual_clip,
+                        agg=a.loss_agg,
+                        normalizer=normalizer,
+                    )
+                    shares["losses/policy"] = shares.get("losses/policy", 0.0) + loss.item() / world.size
+                    if mb.ref_logprobs is not None:
+                        kl = algorithms.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator)
+                        kl_term = algorithms.aggregate(kl, mb.response_mask, a.loss_agg, normalizer=normalizer)
+                        if not a.kl_in_reward:
+                            loss = loss + a.kl_coef * kl_term
+                        shares["policy/kl"] = shares.get("policy/kl", 0.0) + kl_term.item() / world.size
+                    if entropy is not None:
+                        entropy_term = algorithms.aggregate(entropy, mb.response_mask, a.loss_agg, normalizer=normalizer)
+                        if a.entropy_coef:
+                            loss = loss - a.entropy_coef * entropy_term
+                        shares["policy/entropy"] = shares.get("policy/entropy", 0.0) + entropy_term.item() / world.size
             loss.backward()
-            loss_total += loss.item()
+            if diverged:
+                continue
+            loss_total += loss.item() / world.size
             for key in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
                 if key in pm:
-                    totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + weight * float(pm[key])
+                    shares[f"policy/{key}"] = shares.get(f"policy/{key}", 0.0) + weight * float(pm[key])
             if "ratio_max" in pm:
-                totals["policy/ratio_max"] = max(totals.get("policy/ratio_max", 0.0), float(pm["ratio_max"]))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.max_grad_norm)
+                peaks["policy/ratio_max"] = max(peaks.get("policy/ratio_max", 0.0), float(pm["ratio_max"]))
+        grad_norm = self._clip_gradients(self.policy)
+        loss_total = world.sum(loss_total)
         if self.guard.check(step, loss_total, grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
             totals["optim/skipped"] = 1.0
         else:
             self.optimizer.step()
             self.schedule.step()
-        totals["optim/grad_norm"] = float(grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the critic's and the next rollout
+        totals["optim/grad_norm"] = grad_norm
         if self.critic is not None:
-            totals.update(self._critic_step(batch, rows, micro, normalizer))
-        return totals
+            totals.update(self._critic_step(batch, micro, passes, normalizer, packing))
+        return {**totals, **self._across_ranks(shares, peaks)}
 
-    def _critic_step(self, batch, rows, micro, normalizer) -> dict[str, float]:
-        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.trainer
+    def _critic_step(self, batch, micro, passes: int, normalizer, packing=None) -> dict[str, float]:
+        a, world = self.cfg.algorithm, self.world
         self.critic.train()
         self.critic_optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for m in micro:
-            mb = batch.select(m).to(self.device)
+        for i in range(passes):
+            if i >= len(micro):
+                self._idle_pass(self.critic, critic=True)
+                continue
+            mb = batch.select(micro[i]).to(self.device)
             with autocast_for(self.device, self.dtype):
-                values = token_values(self.critic, mb)
+                values = token_values(self.critic, mb, packing=packing)
                 loss, _ = algorithms.value_loss(
                     values, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, agg=a.loss_agg,
                     normalizer=normalizer,
                 )
             loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.max_grad_norm)
-        if np.isfinite(total) and torch.isfinite(grad_norm):
+            total += loss.item() / world.size
+        grad_norm = self._clip_gradients(self.critic)
+        total = world.sum(total)
+        if math.isfinite(total) and math.isfinite(grad_norm):
             self.critic_optimizer.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
         self.critic.eval()
-        return {"losses/value": total, "optim/critic_grad_norm": float(grad_norm)}
+        return {"losses/value": total, "optim/critic_grad_norm": grad_norm}
+
+    def _idle_pass(self, model, critic: bool = False) -> None:
+        """A forward/backward pass that changes no gradient, for a rank with no micro-batch left to train on."""
+        mb = self._idle_batch().to(self.device)
+        with autocast_for(self.device, self.dtype):
+            out = token_values(model, mb) if critic else token_logprobs(model, mb, self.cfg.rollout.temperature)[0]
+        (out.sum() * 0.0).backward()
+
+    def _clip_gradients(self, model) -> float:
+        """Clip to `trainer.max_grad_norm`; return the norm of the whole (all ranks') gradient before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.trainer.max_grad_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _across_ranks(self, shares: dict[str, float], peaks: dict[str, float]) -> dict[str, float]:
+        """Sum `shares` and take the maximum of `peaks` over ranks (a key may be missing on some ranks)."""
+        out: dict[str, float] = {}
+        for rank_shares, rank_peaks in self.world.all_gather((shares, peaks)):
+            for key, value in rank_shares.items():
+                out[key] = out.get(key, 0.0) + value
+            for key, value in rank_peaks.items():
+                out[key] = max(out.get(key, value), value)
+        return out
+
+    def _timings(self) -> dict[str, float]:
+        """This step's phase times and (on GPU) peak memory, the largest over ranks (the others wait for it)."""
+        figures = self.timer.metrics()
+        if self.device.type == "cuda":
+            figures["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self._across_ranks({}, figures)
 
     def _rollout_logprobs_are_exact(self) -> bool:
         """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled
@@ -412,71 +601,115 @@ class RLTrainer:
         return float(a.loss_agg_normalizer or self.cfg.rollout.max_response_tokens)
 
     # ------------------------------------------------------------------ metrics and samples
-    def _rollout_metrics(self, scored, metrics: dict) -> None:
-        rewards = [r for _, _, r in scored]
-        lengths = [len(c.token_ids) for _, c, _ in scored]
+    def _outcomes(self, scored) -> list[tuple]:
+        """(reward, response length, finish reason) of every rank's completions of this step, rank by rank."""
+        mine = [(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored]
+        return [outcome for part in self.world.all_gather(mine) for outcome in part]
+
+    def _rollout_metrics(self, outcomes, metrics: dict) -> None:
+        """Reward and length figures over every rank's completions of this step (`outcomes`)."""
+        rewards = [r for r, _, _ in outcomes]
+        lengths = [length for _, length, _ in outcomes]
         metrics["reward/mean"] = float(np.mean([r.score for r in rewards]))
         metrics["reward/accuracy"] = float(np.mean([r.correct for r in rewards]))
         metrics["reward/format_rate"] = float(np.mean([r.formatted for r in rewards]))
         metrics["reward/formatted_but_wrong"] = float(np.mean([r.formatted and not r.correct for r in rewards]))
         metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+        metrics.update(component_metrics(rewards, reserved=metrics))
         metrics["response/length_mean"] = float(np.mean(lengths))
         metrics["response/length_max"] = float(np.max(lengths))
-        metrics["response/clip_rate"] = float(np.mean([c.finish_reason == "length" for _, c, _ in scored]))
-        metrics["train/completions"] = float(len(scored))
+        metrics["response/clip_rate"] = float(np.mean([finish == "length" for _, _, finish in outcomes]))
+        metrics["train/completions"] = float(len(outcomes))
 
     def _write_samples(self, step: int, scored) -> None:
         """Example completions of this step, with reward-hacking signals computed over all of them."""
-        prompts = [self.tokenizer.decode(self.train_prompts[i]) for i, _, _ in scored]
+        everything = [item for part in self.world.all_gather(scored) for item in part]
+        if not self.world.is_main:
+            return
+        prompts = [self.tokenizer.decode(self.train_prompts[i]) for i, _, _ in everything]
         write_samples(
-            self.run_dir, step, prompts, [c.text for _, c, _ in scored], [r for _, _, r in scored],
-            response_lengths=[len(c.token_ids) for _, c, _ in scored],
+            self.run_dir, step, prompts, [c.text for _, c, _ in everything], [r for _, _, r in everything],
+            response_lengths=[len(c.token_ids) for _, c, _ in everything],
         )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict:
-        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems."""
+        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems.
+
+        Each rank evaluates a contiguous share of the problems; the summary covers them all.
+        """
         cfg = self.cfg
-        return evaluate_policy(
-            self.engine, self.scorer, self.task, self.tokenizer, self.eval_rows, self.eval_prompts,
-            max_new_tokens=cfg.rollout.max_response_tokens, pass_k=cfg.trainer.eval_pass_k,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=cfg.seed,
-            timeout_s=cfg.rollout.timeout_s, run_dir=self.run_dir, step=step,
-        )
+        self.reward_errors.where = f"evaluation at step {step}"
+        share = self.world.share(len(self.eval_rows))
+        with self.world.gathered(*self._sampling_models()):
+            part = sample_eval(
+                self.engine, self.scorer, self.task, self.eval_rows[share.start : share.stop],
+                self.eval_prompts[share.start : share.stop], max_new_tokens=cfg.rollout.max_response_tokens,
+                pass_k=cfg.trainer.eval_pass_k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                seed=cfg.seed, timeout_s=cfg.rollout.timeout_s, step=step, prompt_offset=share.start,
+            )
+        samples = reduce(lambda x, y: x + y, self.world.all_gather(part))
+        summary = summarize_samples(samples, cfg.trainer.eval_pass_k)
+        if self.world.is_main:
+            write_eval_samples(self.run_dir, step, summary, self.tokenizer, self.eval_prompts, samples)
+        return summary
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        state = {
+        """What a checkpoint holds besides the weights and the optimizer state (collective: every rank calls it)."""
+        return {
             "step": self.step_count,
-            "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state_dict(),
             "guard": self.guard.state_dict(),
             "rng": capture_rng(),
+            "rng_by_rank": self.world.all_gather(capture_rng()),
+            "world_size": self.world.size,
             "metrics_offset": self.metrics.offset(),
             "extra": self.extra_state,
         }
-        if self.critic is not None:
-            state["critic_optimizer"] = self.critic_optimizer.state_dict()
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state["guard"])
-        restore_rng(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        restore_rng(by_rank[self.world.rank] if by_rank and len(by_rank) == self.world.size else state["rng"])
         self.extra_state = state.get("extra", {})
+        if "optimizer" in state:  # checkpoints written before optimizer state moved to optimizer/
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.critic is not None:
+                self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+    def resume(self, checkpoint_dir: str | Path, state: dict) -> None:
+        """Continue from a checkpoint: `state` (its trainer_state.pt) and every optimizer's state.
+
+        The same world size resumes exactly. Another world size resumes too (the optimizer state is resharded
+        on load, and a step computes the same numbers on any number of ranks), equal up to float rounding.
+        """
+        saved = state.get("world_size", 1)
+        if saved != self.world.size and self.world.is_main:
+            log.warning("resuming a checkpoint of %d ranks on %d: the run continues equal up to float rounding, "
+                        "not bit for bit", saved, self.world.size)
+        self.load_state_dict(state)
+        if (Path(checkpoint_dir) / OPTIMIZER_DIR).is_dir():
+            self.world.load_optimizers(checkpoint_dir, self._optimizers())
+
+    def _optimizers(self) -> dict:
+        optimizers = {"actor": (self.policy, self.optimizer)}
         if self.critic is not None:
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            optimizers["critic"] = (self.critic, self.critic_optimizer)
+        return optimizers
 
     def save(self) -> Path:
+        """Write a checkpoint of this step (collective: every rank calls it)."""
         models = {"actor": self.policy}
         if self.critic is not None:
             models["critic"] = self.critic
-        return save_checkpoint(
-            self.run_dir, self.step_count, models, self.tokenizer, self.state_dict(), keep_last=self.cfg.trainer.keep_last
+        return self.world.save_checkpoint(
+            self.run_dir, self.step_count, models, self._optimizers(), self.tokenizer, self.state_dict(),
+            keep_last=self.cfg.trainer.keep_last,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -489,22 +722,43 @@ class RLTrainer:
             stop_requested["signal"] = signum
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        progress = Progress(t.steps, start_step=self.step_count, enabled=self.cfg.logging.progress) if t.steps else None
+        show_progress = self.cfg.logging.progress and self.world.is_main
+        progress = None
+        if t.steps > self.step_count:
+            progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress, label="RL step")
         try:
-            while self.step_count < t.steps:
-                metrics = self.step()
-                step = self.step_count
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    with self.timer.phase("evaluate", step):
-                        metrics.update(eval_metrics(self.evaluate(step)))
-                metrics["reward/worker_restarts"] = float(self.scorer.stats.get("worker_restarts", 0))
-                self.metrics.write(step, metrics)
-                if progress is not None:
-                    progress.update(step, {"reward": metrics.get("reward/mean", 0.0), "acc": metrics.get("reward/accuracy", 0.0)})
-                if (t.save_every and step % t.save_every == 0) or stop_requested["signal"] is not None:
-                    self.save()
-                if stop_requested["signal"] is not None:
-                    raise KeyboardInterrupt(f"stopped by signal {stop_requested['signal']} at step {step}; checkpoint saved")
+            with self.world.reporting_failures():
+                while self.step_count < t.steps:
+                    metrics = self.step()
+                    step = self.step_count
+                    held_out = None
+                    if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                        with self.timer.phase("evaluate", step):
+                            held_out = self.evaluate(step)
+                        metrics.update(eval_metrics(held_out))
+                    metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
+                    self.metrics.write(step, metrics)
+                    if progress is not None:
+                        progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
+                                               "train acc": metrics.get("reward/accuracy", 0.0)})
+                        if held_out is not None:
+                            progress.note(held_out_line(f"at RL step {step}", held_out))
+                    # every rank stops at the same step, whichever received the signal
+                    stop = self.world.max(stop_requested["signal"] is not None) > 0
+                    if (t.save_every and step % t.save_every == 0) or stop:
+                        self.save()
+                    if stop:
+                        received = stop_requested["signal"] or "sent to another rank"
+                        raise KeyboardInterrupt(f"stopped by signal {received} at step {step}; checkpoint saved")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
+
+
+def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with zero columns appended up to `width` (1-D tensors are returned as they are)."""
+    if tensor.dim() == 1 or tensor.shape[1] == width:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))

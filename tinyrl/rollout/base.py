@@ -15,6 +15,9 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     stop: tuple[str, ...] = ()  # generation ends after the first of these strings (it is kept in the text)
     seed: int | None = None  # completion j of prompt i is drawn from its own stream seeded by (seed, i, j)
+    # Prompt i of this call counts as prompt prompt_offset + i in those seeds, so a share of a larger batch
+    # (one rank's prompts) samples exactly what the whole batch would.
+    prompt_offset: int = 0
 
 
 @dataclass

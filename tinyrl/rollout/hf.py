@@ -82,7 +82,7 @@ class HFEngine:
             for i, j in requests:
                 g = torch.Generator(device=device)
                 seed = sampling.seed if sampling.seed is not None else torch.randint(0, 2**62, (1,)).item()
-                g.manual_seed(hash((int(seed), i, j)) & (2**62 - 1))
+                g.manual_seed(hash((int(seed), sampling.prompt_offset + i, j)) & (2**62 - 1))
                 rows.append(torch.rand(sampling.max_new_tokens, generator=g, device=device, dtype=torch.float64))
             uniforms = torch.stack(rows)
 

@@ -1,0 +1,445 @@
+"""Multi-process training: the world of ranks, FSDP2 sharding, collectives, full weights, sharded checkpoints.
+
+This is the one module that knows about ranks. `torchrun --nproc_per_node=N -m tinyrl.train ...` starts N
+processes; each calls `init_world`, which joins the process group and returns its `World`. A plain
+`tinyrl-train` (no torchrun) gets a world of one process: the same methods, as identities (`sum(x)` is `x`,
+`shard(model)` is `model`), so the trainer has one code path.
+
+Data parallelism (PyTorch FSDP2, `torch.distributed.fsdp.fully_shard`): every rank holds 1/N of each
+parameter, of its gradient and of its AdamW state; before a layer computes, FSDP all-gathers its parameters,
+and after backward it reduce-scatters (averages) the gradients. So every rank must run the same number of
+forward and backward passes through a sharded model, in the same order. The trainer keeps that promise in
+two ways:
+
+- passes whose number differs between ranks (sampling with per-rank decode lengths, the no-gradient
+  log-prob and value passes over a rank's own micro-batches, evaluation) run inside `gathered(model)`: the
+  whole model is all-gathered once, on every rank, then used without any collective, then resharded;
+- gradient passes are counted up front (`max` over ranks) and a rank with fewer micro-batches runs
+  zero-weight passes on a one-token row (see `RLTrainer._optimizer_step`).
+
+Every collective that waits on other ranks has the timeout `distributed.timeout_s`; a failure is reported
+with this rank, the phase, and the phase every other rank last reached (`mark`, `reporting_failures`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tinyrl.devices import resolve_device
+
+log = logging.getLogger("tinyrl")
+
+OPTIMIZER_DIR = "optimizer"  # inside a checkpoint: every optimizer's state, sharded (torch.distributed.checkpoint)
+
+_WORLD: "World | None" = None  # the process group's world, once torchrun's process has joined it
+
+
+class DistributedError(RuntimeError):
+    """A rank stopped; the message names it, the phase it was in, and where the other ranks were."""
+
+
+class World:
+    """This process's place among the training processes, and the operations that span them.
+
+    `rank` (0..size-1), `size`, `local_rank` (index on this machine) and `device` come from torchrun's
+    environment. Rank 0 (`is_main`) alone writes metrics, samples, summaries and the Hugging Face weights.
+    """
+
+    def __init__(
+        self,
+        rank: int = 0,
+        size: int = 1,
+        local_rank: int = 0,
+        device: torch.device | str = "cpu",
+        *,
+        group: Any = None,
+        mesh: Any = None,
+        store: Any = None,
+        timeout_s: float = float("inf"),
+    ) -> None:
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.device = torch.device(device)
+        self.group = group  # a gloo group for CPU-side agreement (counts, objects, checkpoints), any backend
+        self.mesh = mesh  # the 1-D device mesh FSDP shards over
+        self.timeout_s = timeout_s
+        self._store = store  # where each rank posts the phase it is in, for failure reports
+        self._phase = "startup"  # the phase this rank last entered
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """True under torchrun (even with one process): models are FSDP-sharded and collectives are real."""
+        return self.group is not None
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where to load a model before `shard`: the CPU under FSDP (each layer moves to the device as its
+        shards are made, so no device ever holds a full copy), else the training device."""
+        return torch.device("cpu") if self.sharded else self.device
+
+    def check_cpu_offload(self, requested: bool) -> None:
+        """Refuse `distributed.cpu_offload` where FSDP cannot offload: without torchrun or without a GPU."""
+        if requested and not (self.sharded and self.device.type == "cuda"):
+            from tinyrl.config import ConfigError
+
+            raise ConfigError(
+                "distributed.cpu_offload: offloading keeps FSDP's shards in CPU memory for GPU training; it needs "
+                f"CUDA GPUs and a torchrun launch (even --nproc_per_node=1), and this process has {self}"
+            )
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size}, device={self.device})"
+
+    # ------------------------------------------------------------------ agreement between ranks
+    def sum(self, value: float) -> float:
+        """The sum of `value` over ranks (float64, so integer counts stay exact)."""
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def max(self, value: float) -> float:
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def _reduce(self, value: float, op) -> float:
+        value = float(value)
+        if not self.sharded:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return float(tensor.item())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (any picklable value), in rank order."""
+        if not self.sharded:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (e.g. the run directory rank 0 decided)."""
+        if not self.sharded:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def barrier(self, what: str, timeout_s: float | None = None) -> None:
+        """Wait until every rank gets here; on a timeout, the error names the ranks that did not arrive."""
+        if not self.sharded:
+            return
+        timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else self.timeout_s)
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as err:
+            raise DistributedError(f"rank {self.rank} of {self.size}: waiting for every rank to finish {what}: {err}") from err
+
+    def share(self, count: int) -> range:
+        """This rank's contiguous share of `count` items (shares differ in size by at most one)."""
+        return range(self.rank * count // self.size, (self.rank + 1) * count // self.size)
+
+    # ------------------------------------------------------------------ models
+    def shard(self, model, *, compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False):
+        """FSDP2-shard `model` in place: `fully_shard` per decoder layer, then the root; returns it.
+
+        On GPU with a 16-bit `compute_dtype`, layers compute in that dtype while the sharded master weights,
+        the gradient reduction and the optimizer stay float32. `cpu_offload` keeps the shards of parameters,
+        gradients and optimizer state in CPU memory (the optimizer steps there). A frozen model (the
+        reference) is sharded the same way and simply has no gradients. Identity in a world of one process.
+        """
+        if model is None or not self.sharded:
+            return model
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mixed = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+            mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(
+                f"cannot shard {type(model).__name__}: it names no decoder layer class in _no_split_modules"
+            )
+        for layer in layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=mixed, offload_policy=offload, reshard_after_forward=True)
+        # The root (embeddings, final norm, head) stays gathered from forward to backward: it is used by both.
+        fully_shard(model, mesh=self.mesh, mp_policy=mixed, offload_policy=offload, reshard_after_forward=False)
+        check_sharded(model, self.size)
+        return model
+
+    @contextlib.contextmanager
+    def gathered(self, *models) -> Iterator[None]:
+        """Hold the full (unsharded) parameters of `models` on every rank for the duration of the block.
+
+        Inside, forward passes need no collective, so ranks may run different numbers of them (sampling with
+        different decode lengths, their own micro-batches). Costs one full copy per model in its compute
+        dtype, freed on exit. No gradients inside. Does nothing for unsharded models.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        roots = [m for m in models if isinstance(m, FSDPModule)]
+        units = [(unit, unit is root) for root in roots for unit in root.modules() if isinstance(unit, FSDPModule)]
+        if not units:
+            yield
+            return
+        for unit, _ in units:
+            unit.unshard()
+        for unit, _ in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for unit, is_root in units:
+                unit.set_reshard_after_forward(not is_root, recurse=False)  # as `shard` set them
+                unit.reshard()
+
+    def full_weights(self, model) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(hf_name, full tensor)` for every entry of the model's state dict, gathered one tensor at a time.
+
+        Every rank receives every tensor (for per-rank rollout engines' `load_weights`); names are Hugging
+        Face names, and a tied `lm_head.weight` is included. Must be consumed to the end on every rank, in
+        step: each tensor is a collective. In a world of one the model's own tensors are yielded (no copy).
+        """
+        from torch.distributed.tensor import DTensor
+
+        for name, tensor in model.state_dict().items():
+            if isinstance(tensor, DTensor):
+                if tensor.device.type != self.device.type:  # CPU-offloaded shards travel over the device's backend
+                    tensor = DTensor.from_local(
+                        tensor.to_local().to(self.device), tensor.device_mesh, tensor.placements,
+                        shape=tensor.shape, stride=tensor.stride(),
+                    )
+                tensor = tensor.full_tensor()
+            yield name, tensor.detach()
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The full weights on rank 0, in CPU memory (an empty dict on the other ranks); collective."""
+        if not self.sharded:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(
+        self,
+        run_dir: str | os.PathLike,
+        step: int,
+        models: Mapping[str, Any],
+        optimizers: Mapping[str, tuple[Any, torch.optim.Optimizer]],
+        tokenizer: Any,
+        state: dict,
+        keep_last: int,
+    ) -> Path:
+        """Write one atomic checkpoint: the full Hugging Face weights of `models` (rank 0), every rank's shard
+        of each optimizer's state (`optimizer/`, torch.distributed.checkpoint) and `state` (rank 0).
+
+        `optimizers` maps a name to (model, optimizer). Collective: every rank calls it; returns the path.
+        """
+        from tinyrl.checkpoint import begin_checkpoint, commit_checkpoint
+
+        weights = {name: self.full_state_dict(model) for name, model in models.items()}
+        staging = self.broadcast(begin_checkpoint(run_dir, step) if self.is_main else None)
+        try:
+            self._save_optimizers(staging / OPTIMIZER_DIR, optimizers)
+            path = None
+            if self.is_main:
+                savers = {name: _WeightsOf(model, weights[name]) for name, model in models.items()}
+                path = commit_checkpoint(run_dir, step, staging, savers, tokenizer, state, keep_last=keep_last)
+        except BaseException:
+            if self.is_main:
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.broadcast(path)
+
+    def _save_optimizers(self, path: Path, optimizers: Mapping[str, tuple[Any, torch.optim.Optimizer]]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in optimizers.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.save(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.sharded)
+
+    def load_optimizers(self, checkpoint_dir: str | os.PathLike, optimizers: Mapping[str, tuple[Any, torch.optim.Optimizer]]) -> None:
+        """Load each optimizer's state from a checkpoint's `optimizer/` into this rank's shard.
+
+        The checkpoint may come from another world size: torch.distributed.checkpoint reshards on load.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        path = Path(checkpoint_dir) / OPTIMIZER_DIR
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {checkpoint_dir} has no {OPTIMIZER_DIR}/ directory")
+        for _, opt in optimizers.values():
+            _materialise_state(opt)
+        state = {name: get_optimizer_state_dict(model, opt) for name, (model, opt) in optimizers.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.sharded)
+        for name, (model, opt) in optimizers.items():
+            set_optimizer_state_dict(model, opt, state[name])
+
+    # ------------------------------------------------------------------ failures
+    def mark(self, step: int, phase: str) -> None:
+        """Post the phase this rank is entering, so a failure report elsewhere can say where it stopped."""
+        self._phase = f"step {step}, phase {phase}"
+        if self._store is not None:
+            try:
+                self._store.set(f"phase/{self.rank}", f"step {step}, phase {phase}")
+            except Exception:  # the store went away with its host; failure reports say "unknown"
+                self._store = None
+
+    def last_phases(self) -> dict[int, str]:
+        """The phase every other rank last posted (or "unknown")."""
+        out = {}
+        for rank in range(self.size):
+            if rank == self.rank:
+                continue
+            try:
+                out[rank] = self._store.get(f"phase/{rank}").decode() if self._store is not None else "unknown"
+            except Exception:
+                out[rank] = "unknown"
+        return out
+
+    def explain(self, err: BaseException) -> DistributedError:
+        """`err`, restated with this rank and where the other ranks were."""
+        others = "; ".join(f"rank {r}'s last phase: {where}" for r, where in self.last_phases().items())
+        return DistributedError(
+            f"rank {self.rank} of {self.size} failed (its last phase: {self._phase}): {type(err).__name__}: {err}. "
+            f"Other ranks: {others}. A rank "
+            f"that exits, crashes or waits more than distributed.timeout_s={self.timeout_s:g} s at a collective "
+            f"stops the others; the first error in the ranks' output is the cause."
+        )
+
+    @contextlib.contextmanager
+    def reporting_failures(self) -> Iterator[None]:
+        """Restate any error leaving the block with this rank and the other ranks' last phases."""
+        try:
+            yield
+        except (DistributedError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:
+            if self.size == 1:
+                raise
+            raise self.explain(err) from err
+
+
+class _WeightsOf:
+    """A model's `save_pretrained` with given full weights (a sharded model cannot save its own tensors)."""
+
+    def __init__(self, model, weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.weights = model, weights
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        self.model.save_pretrained(path, state_dict=self.weights, **kwargs)
+
+
+def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its state tensors (one step with zero gradients at lr 0) so a checkpoint has
+    something to load into; the loaded values then replace them."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_sharded(model, size: int) -> None:
+    """Raise unless every parameter of `model` is a DTensor sharded over `size` ranks (no silent fallback)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            raise RuntimeError(f"FSDP did not shard {name}: it is a plain {type(param).__name__}")
+        if param.device_mesh.size() != size or not all(isinstance(p, Shard) for p in param.placements):
+            raise RuntimeError(
+                f"FSDP sharded {name} as {param.placements} over {param.device_mesh.size()} ranks, expected "
+                f"Shard over {size}"
+            )
+
+
+def _rank_device(name: str, local_rank: int, size: int) -> torch.device:
+    if name in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if name == "cuda":
+            raise ValueError("device=cuda: no CUDA device is visible to this process")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and size > 1:
+        raise ValueError(
+            f"device={name} names one GPU but torchrun started {size} ranks; use device=auto (rank r takes "
+            f"cuda:LOCAL_RANK)"
+        )
+    return device
+
+
+def _phase_store(timeout: datetime.timedelta):
+    """A client of torchrun's rendezvous store, where ranks post their phases (None when unreachable)."""
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout,
+            wait_for_workers=False,
+        )
+        return dist.PrefixStore("tinyrl", store)
+    except Exception as err:  # reports then say "unknown"; training is unaffected
+        log.warning("failure reports will not name other ranks' phases: %s", err)
+        return None
+
+
+def init_world(device: str = "auto", timeout_s: float = 1800.0) -> World:
+    """The world of this process: torchrun's process group when launched by torchrun, else one process.
+
+    Under torchrun it joins the process group once (NCCL on GPUs, gloo on CPUs; every collective times out
+    after `timeout_s`), checks that the group has the size torchrun announced, and pins this rank's GPU.
+    Later calls return the same world.
+    """
+    global _WORLD
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return World(device=resolve_device(device))
+    if _WORLD is not None:
+        return _WORLD
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = _rank_device(device, local_rank, size)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout)
+    if dist.get_world_size() != size or dist.get_rank() != rank:
+        raise RuntimeError(
+            f"torchrun announced rank {rank} of {size}, but the process group has rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    mesh = init_device_mesh(target.type, (size,))
+    _WORLD = World(rank, size, local_rank, target, group=group, mesh=mesh, store=_phase_store(timeout),
+                   timeout_s=timeout_s)
+    return _WORLD

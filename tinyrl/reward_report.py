@@ -1,0 +1,127 @@
+"""What a batch of rewards tells a person: failures shown and kept, and the score's named components averaged.
+
+A reward that raises, times out or kills its worker scores 0 and training goes on (`tinyrl.reward_workers`);
+`RewardErrorLog` makes sure a person sees why: the first failure of each kind is printed with its traceback and
+row, every failure is kept in ``reward_errors.jsonl``, and `RewardErrorLog.check` stops a run whose reward code is
+plainly broken. `component_metrics` averages ``Reward.components`` into ``reward/<name>`` metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from tinyrl.monitor import TrainingError
+from tinyrl.task import Reward
+
+__all__ = ["RewardErrorLog", "RewardsFailed", "error_of", "component_metrics"]
+
+log = logging.getLogger("tinyrl")
+
+_SHOWN_CHARS = 400  # of a row or a completion on the console; the file keeps more
+_KEPT_CHARS = 4000
+
+
+class RewardsFailed(TrainingError):
+    """Too many rewards of one step failed: the reward code is broken, training on zeros would waste the run."""
+
+
+def error_of(reward: Reward) -> str | None:
+    """The error message a failed reward carries, or None."""
+    info = reward.info if isinstance(reward.info, dict) else {}
+    error = info.get("error")
+    return None if error is None else str(error)
+
+
+def _kind(reward: Reward) -> str:
+    """What makes two errors the same: the exception type and the line that raised it (messages carry data)."""
+    error = error_of(reward) or ""
+    where = reward.info.get("where", "")
+    return f"{error.split(':', 1)[0]} at {where}" if where else error
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def component_metrics(rewards: Sequence[Reward], reserved: Any = ()) -> dict[str, float]:
+    """``reward/<name>``: the mean of each named component over the completions that report it.
+
+    A name that would overwrite a metric in ``reserved`` (e.g. ``reward/mean``) is logged as
+    ``reward/component_<name>``.
+    """
+    sums: dict[str, float] = {}
+    counts: Counter[str] = Counter()
+    for reward in rewards:
+        for name, value in (reward.components or {}).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+            counts[name] += 1
+    out = {}
+    for name in sorted(sums):
+        key = f"reward/{name}"
+        if key in reserved:
+            key = f"reward/component_{name}"
+        out[key] = sums[name] / counts[name]
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+
+
+class RewardErrorLog:
+    """Called by `RewardScorer` (``on_errors``) after a batch in which some reward failed.
+
+    Appends one JSON line per failure to ``path`` (``reward_errors.jsonl`` in the run directory): where it
+    happened (``self.where``, e.g. "step 12"), the error, its traceback, the row and the completion. The first
+    failure of each kind is also logged at ERROR level with its traceback and row.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        self.where = ""
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, completions: Sequence[str], rows: Sequence[dict], rewards: Sequence[Reward]) -> None:
+        lines = []
+        for completion, row, reward in zip(completions, rows, rewards):
+            error = error_of(reward)
+            if error is None:
+                continue
+            kind = _kind(reward)
+            trace = str(reward.info.get("traceback", ""))
+            if not self.seen[kind]:
+                log.error(
+                    "reward error (%s), first of its kind: %s\n  row: %s\n  completion: %s\n%s%s",
+                    self.where or "scoring", error, _clip(repr(row), _SHOWN_CHARS),
+                    _clip(repr(completion), _SHOWN_CHARS), trace,
+                    f"  every reward error is kept in {self.path}" if self.path else "",
+                )
+            self.seen[kind] += 1
+            lines.append(json.dumps({
+                "where": self.where, "error": error, "kind": kind, "traceback": trace,
+                "row": _jsonable(row), "completion": _clip(completion, _KEPT_CHARS),
+            }))
+        if self.path is not None and lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+
+    def check(self, rewards: Sequence[Reward], limit: float | None, step: int, config_key: str) -> None:
+        """Raise RewardsFailed when at least ``limit`` of one step's rewards failed (``limit=None``: never)."""
+        if limit is None or not rewards:
+            return
+        failed = [r for r in rewards if error_of(r) is not None]
+        if len(failed) < limit * len(rewards):
+            return
+        common, count = Counter(_kind(r) for r in failed).most_common(1)[0]
+        example = next(error_of(r) for r in failed if _kind(r) == common)
+        kept = f"; every error is in {self.path}" if self.path else ""
+        raise RewardsFailed(
+            f"step {step}: {len(failed)} of {len(rewards)} rewards failed (most often, {count} times: {example}); "
+            f"the run stops because {config_key}={limit:g}{kept}",
+            step=step, phase="score",
+        )
