@@ -1,8 +1,13 @@
-"""Run the README's main command (`tinyrl-train`, the embedded CPU default) for several seeds and tabulate
-held-out accuracy before and after RL, wall time, and seconds per RL phase.
+"""Run the README's main command (`tinyrl-train`, the embedded CPU default) for several seeds with the
+distillation-only baseline arms switched on, and print the README's table: per seed, the distilled start, the best
+distillation-only arm given the RL phase's seconds, the accuracy after RL, the gains, and wall seconds.
 
-Usage: .venv/bin/python benchmarks/bench_default_run.py [--seeds 0 1 2] [--out runs/bench_default] [overrides...]
-Prints a markdown table to paste into benchmarks/RESULTS.md and the README.
+Each seed runs `tinyrl-train seed=S run_dir=OUT/seedS baseline.enabled=true OVERRIDES`, one seed after another
+(never at once: two runs on two cores slow each other several-fold). `wall_seconds` is the RL arm's own time (the
+quickstart's: the baseline arms run after it); `cpu_seconds` is its user+system CPU time.
+
+Usage: .venv/bin/python benchmarks/bench_default_run.py [--seeds 0 1 2] [--out runs/bench_default] [--no-baseline]
+       [overrides...]
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["process_seconds"] = time.perf_counter() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    phases = sorted({k for r in steps for k in r if k.startswith("time/")})
+    steps = list({r["step"]: r for r in rows if "reward/mean" in r}.values())
+    phases = sorted({k for r in steps for k in r if k.startswith("time/") and k != "time/evaluate"})
     summary["phase_seconds"] = {p[5:]: sum(r.get(p) or 0.0 for r in steps) / len(steps) for p in phases}
+    evals = [r for r in rows if "eval/accuracy" in r]
+    summary["eval_curve"] = list({r["step"]: r["eval/accuracy"] for r in evals}.values())
     summary["train_accuracy_first_last"] = (
         sum(r["reward/accuracy"] for r in steps[:10]) / min(10, len(steps)),
         sum(r["reward/accuracy"] for r in steps[-10:]) / min(10, len(steps)),
@@ -39,22 +46,41 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_default"))
+    parser.add_argument("--no-baseline", action="store_true", help="the RL arm only (the quickstart as it is)")
     args, overrides = parser.parse_known_args()
+    if not args.no_baseline:
+        overrides = ["baseline.enabled=true", *overrides]
     results = {seed: run_seed(seed, args.out, overrides) for seed in args.seeds}
-    print(f"\nCommand: `tinyrl-train seed=S {' '.join(overrides)}` for S in {args.seeds}; "
+    print(f"\nCommand: `tinyrl-train seed=S run_dir=DIR {' '.join(overrides)}` for S in {args.seeds}; "
           f"{platform.machine()} with {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}\n")
-    print("| seed | accuracy after distillation | accuracy after RL | gain (points) | RL steps | wall seconds |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    any_s = next(iter(results.values()))
+    print(f"Greedy accuracy on {any_s['eval_problems']} held-out {any_s['eval_split']} problems.\n")
+    print("| seed | distilled start | best distillation-only baseline | after RL | RL - start (points) | "
+          "RL - baseline (points, ± s.e.) | wall seconds | CPU seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for seed, s in results.items():
-        gain = 100 * (s["accuracy_after_rl"] - s["accuracy_before_rl"])
-        print(f"| {seed} | {s['accuracy_before_rl']:.3f} | {s['accuracy_after_rl']:.3f} | {gain:+.1f} | "
-              f"{s['rl_steps']} | {s['process_seconds']:.0f} |")
-    print("\nSeconds per RL step by phase (mean over steps):\n")
+        start, after = s["accuracy_before_rl"], s["accuracy_after_rl"]
+        b = s.get("baseline")
+        base = f"{b['best_accuracy']:.3f} ({b['best']})" if b else "-"
+        over = f"{100 * b['rl_gain_over_best']:+.1f} ± {100 * b['rl_gain_over_best_se']:.1f}" if b else "-"
+        print(f"| {seed} | {start:.3f} | {base} | {after:.3f} | {100 * (after - start):+.1f} | {over} | "
+              f"{s['wall_seconds']:.0f} | {s.get('cpu_seconds', float('nan')):.0f} |")
+    if not args.no_baseline:
+        print("\nEvery distillation-only arm (distillation steps; accuracy):\n")
+        names = [a["name"] for a in any_s["baseline"]["arms"]]
+        print("| seed | RL phase seconds | " + " | ".join(names) + " |")
+        print("| --- | --- |" + " --- |" * len(names))
+        for seed, s in results.items():
+            b = s["baseline"]
+            print(f"| {seed} | {b['rl_seconds']:.0f} | "
+                  + " | ".join(f"{a['steps']} steps; {a['accuracy']:.3f}" for a in b["arms"]) + " |")
+    print("\nSeconds per RL step by phase (mean over steps), distillation seconds, eval curve:\n")
     phases = sorted({p for s in results.values() for p in s["phase_seconds"]})
-    print("| seed | " + " | ".join(phases) + " |")
-    print("| --- |" + " --- |" * len(phases))
+    print("| seed | " + " | ".join(phases) + " | distillation s | eval curve |")
+    print("| --- |" + " --- |" * (len(phases) + 2))
     for seed, s in results.items():
-        print(f"| {seed} | " + " | ".join(f"{s['phase_seconds'].get(p, 0.0):.2f}" for p in phases) + " |")
+        print(f"| {seed} | " + " | ".join(f"{s['phase_seconds'].get(p, 0.0):.2f}" for p in phases)
+              + f" | {s.get('sft_seconds', 0.0):.0f} | {', '.join(f'{a:.3f}' for a in s['eval_curve'])} |")
     print("\nTraining-sample accuracy, mean of the first and last 10 RL steps:",
           {seed: tuple(round(x, 3) for x in s["train_accuracy_first_last"]) for seed, s in results.items()})
 

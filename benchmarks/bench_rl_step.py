@@ -1,16 +1,22 @@
 """Seconds per GRPO step: tinyrl's RLTrainer against TRL's GRPOTrainer, same tiny model, same prompts, same run.
 
-Both train the same randomly initialised tiny Qwen2 (tinyrl.models defaults) on Countdown prompts (compact style),
-16 prompts x 8 completions of up to 64 new tokens per step, temperature 1, no KL (beta 0), one optimizer step per
-generation batch, float32 on the CPU. A random model rarely stops early, so both generate close to 64 tokens per
-completion. Reported: mean seconds per step over steps 2..N (step 1 includes warm-up).
+Both train the same randomly initialised tiny Qwen2 (the default run's shape: hidden 128, 2 layers, 384-token
+vocabulary) on Countdown prompts (compact style), 64 prompts x 8 completions of up to 64 new tokens per step,
+temperature 1, no KL (beta 0), one optimizer step per generation batch, float32 on the CPU. A random model rarely
+stops early, so both generate close to 64 tokens per completion.
 
-Usage: .venv/bin/python benchmarks/bench_rl_step.py [--steps 6] [--threads 2]
+The reward is the share of digit characters in the completion: it differs between any two different completions, so
+every group has reward variance and neither trainer can skip its update (tinyrl exactly skips rows whose advantage
+is zero; a Countdown reward would be zero for every completion of a random model). Both compute it in-process.
+Reported: mean seconds per step over steps 2..N (step 1 includes warm-up) and tinyrl's seconds per phase.
+
+Usage: .venv/bin/python benchmarks/bench_rl_step.py [--steps 6] [--threads 2] [--prompts 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import tempfile
 import time
@@ -18,7 +24,11 @@ from pathlib import Path
 
 import torch
 
-PROMPTS, GROUP, NEW_TOKENS = 16, 8, 64
+GROUP, NEW_TOKENS = 8, 64
+
+
+def digit_share(text: str) -> float:
+    return sum(ch.isdigit() for ch in text) / max(1, len(text))
 
 
 def build_model(directory: Path):
@@ -26,47 +36,57 @@ def build_model(directory: Path):
     from tinyrl.task import get_task
 
     task = get_task("countdown", max_numbers=3, max_number=20, max_target=50, prompt_style="compact", trace_misses=1,
-                    format_score=0.0)  # as conf/task/countdown_tiny.yaml, which the tinyrl side uses
+                    format_score=0.0)  # as conf/task/countdown_tiny.yaml
     rows = task.dataset("train", 2000, 0)
     texts = [task.prompt(r) + (task.demonstration(r) or "") for r in rows]
     build_tiny_model(directory, texts, vocab_size=384, seed=0)
     return task, rows
 
 
-def bench_tinyrl(model_dir: Path, run_dir: Path, steps: int, threads: int) -> tuple[list[float], float]:
+def bench_tinyrl(model_dir: Path, run_dir: Path, task, steps: int, threads: int, prompts: int):
     from tinyrl.compose import load_config
+    from tinyrl.task import Reward
     from tinyrl.trainer import RLTrainer
+
+    class DigitShareTask(type(task)):
+        def reward(self, completion: str, row: dict) -> Reward:
+            return Reward(digit_share(completion), False, False, {})
 
     cfg = load_config([
         f"model.path={model_dir}", f"run_dir={run_dir}", "sft.enabled=false", "algorithm=grpo", "algorithm.kl_coef=0",
-        f"trainer.prompts_per_step={PROMPTS}", f"trainer.prompts_per_mini_batch={PROMPTS}",
+        f"trainer.prompts_per_step={prompts}", f"trainer.prompts_per_mini_batch={prompts}",
         f"rollout.n={GROUP}", f"rollout.max_response_tokens={NEW_TOKENS}", "trainer.lr=5e-5", "task.eval_size=8",
-        "task.reward_workers=1", "trainer.samples_every=0", f"threads={threads}",
+        "task.reward_workers=0", "trainer.samples_every=0", f"threads={threads}",
     ])
-    trainer = RLTrainer.from_config(cfg)
-    times, lengths = [], []
+    custom = DigitShareTask(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)})
+    trainer = RLTrainer.from_config(cfg, task=custom)
+    times, lengths, phases, signal = [], [], [], []
     try:
         for _ in range(steps):
             start = time.perf_counter()
             metrics = trainer.step()
             times.append(time.perf_counter() - start)
             lengths.append(metrics["response/length_mean"])
+            phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time/")})
+            signal.append(metrics.get("train/rows_with_signal", 1.0))
     finally:
         trainer.close()
-    return times, sum(lengths) / len(lengths)
+    later = phases[1:] or phases
+    mean_phases = {p: sum(ph.get(p, 0.0) for ph in later) / len(later) for p in later[0]}
+    return times, sum(lengths) / len(lengths), mean_phases, min(signal)
 
 
-def bench_trl(model_dir: Path, out_dir: Path, task, rows, steps: int) -> tuple[list[float], float]:
+def bench_trl(model_dir: Path, out_dir: Path, task, rows, steps: int, prompts: int) -> tuple[list[float], float]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    data = Dataset.from_list([{"prompt": task.prompt(r), "numbers": r["numbers"], "target": r["target"]} for r in rows])
+    data = Dataset.from_list([{"prompt": task.prompt(r)} for r in rows])
 
-    def countdown_reward(prompts, completions, numbers, target, **kwargs):
-        return [task.reward(c, {"numbers": n, "target": t}).score for c, n, t in zip(completions, numbers, target)]
+    def digit_share_reward(prompts, completions, **kwargs):
+        return [digit_share(c) for c in completions]
 
     stamps: list[float] = []
 
@@ -76,11 +96,11 @@ def bench_trl(model_dir: Path, out_dir: Path, task, rows, steps: int) -> tuple[l
 
     args = GRPOConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
-        use_vllm=False, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+        use_vllm=False, per_device_train_batch_size=prompts * GROUP, num_generations=GROUP,
         max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0, learning_rate=5e-5, max_steps=steps,
         logging_steps=1, save_strategy="no", num_iterations=1, steps_per_generation=1, seed=0,
     )
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=countdown_reward, args=args, train_dataset=data,
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=digit_share_reward, args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[StepTimer()])
     start = time.perf_counter()
     trainer.train()
@@ -92,24 +112,30 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         task, rows = build_model(tmp / "model")
-        ours, our_length = bench_tinyrl(tmp / "model", tmp / "tinyrl_run", args.steps, args.threads)
-        theirs, their_length = bench_trl(tmp / "model", tmp / "trl_run", task, rows, args.steps)
+        ours, our_length, phases, signal = bench_tinyrl(tmp / "model", tmp / "tinyrl_run", task, args.steps,
+                                                        args.threads, args.prompts)
+        theirs, their_length = bench_trl(tmp / "model", tmp / "trl_run", task, rows, args.steps, args.prompts)
+    import transformers
     import trl
 
     mean = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
     print(f"\n{platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, "
-          f"trl {trl.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"{PROMPTS} prompts x {GROUP} completions x up to {NEW_TOKENS} new tokens per step\n")
+          f"transformers {transformers.__version__}, trl {trl.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"{args.prompts} prompts x {GROUP} completions x up to {NEW_TOKENS} new tokens per step; "
+          f"smallest share of tinyrl rows with a non-zero advantage in any step: {signal:.3f}\n")
     print("| trainer | mean s/step (steps 2..N) | mean completion tokens | all steps (s) |")
     print("| --- | --- | --- | --- |")
     print(f"| tinyrl RLTrainer (hf engine) | {mean(ours):.2f} | {our_length:.1f} | {', '.join(f'{t:.2f}' for t in ours)} |")
     print(f"| TRL GRPOTrainer (generate) | {mean(theirs):.2f} | {their_length:.1f} | "
           f"{', '.join(f'{t:.2f}' for t in theirs)} |")
+    print(f"\nratio TRL / tinyrl: {mean(theirs) / mean(ours):.2f}x; tinyrl seconds per phase (steps 2..N): "
+          + ", ".join(f"{p} {s:.2f}" for p, s in sorted(phases.items(), key=lambda kv: -kv[1]) if s >= 0.005))
 
 
 if __name__ == "__main__":

@@ -316,7 +316,15 @@ def _tree_steps(tree: Tree, steps: list[str]) -> Value:
     return v
 
 
-def _failed_attempt(rng: random.Random, numbers: Sequence[int], target: int) -> str | None:
+# How an attempt's result is checked against the target: the verdict after a miss, after the solution.
+_CHECKS = {
+    "sentence": ("{value} is not {target}.", "That is {target}."),
+    # the target is written next to the result before the verdict, so the verdict compares two adjacent numbers
+    "target": ("Want {target}: no.", "Want {target}: yes."),
+}
+
+
+def _failed_attempt(rng: random.Random, numbers: Sequence[int], target: int, check: str = "sentence") -> str | None:
     """A plausible combination sequence that misses the target, or None if the draws kept hitting it."""
     for _ in range(5):
         values: list[Value] = list(numbers)
@@ -331,23 +339,36 @@ def _failed_attempt(rng: random.Random, numbers: Sequence[int], target: int) -> 
             steps.append(f"{a}{op}{b}={v}")
             values.insert(rng.randrange(len(values) + 1), v)
         if values[0] != target:
-            return f"Try {', '.join(steps)}. {values[0]} is not {target}."
+            return f"Try {', '.join(steps)}. " + _CHECKS[check][0].format(value=values[0], target=target)
     return None
 
 
-def _trace_and_expression(numbers: Sequence[int], target: int, max_misses: int = 2) -> tuple[str, str] | None:
+def _miss_count(rng: random.Random, max_misses: int, miss_chance: float | None) -> int:
+    """0..max_misses, uniform when `miss_chance` is None; else another miss follows with chance `miss_chance`."""
+    if miss_chance is None:
+        return rng.randrange(max_misses + 1)
+    count = 0
+    while count < max_misses and rng.random() < miss_chance:
+        count += 1
+    return count
+
+
+def _trace_and_expression(
+    numbers: Sequence[int], target: int, max_misses: int = 2, miss_chance: float | None = None, check: str = "sentence"
+) -> tuple[str, str] | None:
     tree = _solve_tree(numbers, target)
     if tree is None:
         return None
     rng = random.Random(_stable_int(f"trace|{sorted(numbers)}|{target}"))
     lines = []
-    for _ in range(rng.randrange(max_misses + 1)):  # 0..max_misses misses before the solution, fixed per problem
-        miss = _failed_attempt(rng, numbers, target)
+    for _ in range(_miss_count(rng, max_misses, miss_chance)):  # misses before the solution, fixed per problem
+        miss = _failed_attempt(rng, numbers, target, check)
         if miss:
             lines.append(miss)
     steps: list[str] = []
     _tree_steps(tree, steps)
-    lines.append(f"Try {', '.join(steps)}. That is {target}." if steps else f"{target} is already given.")
+    verdict = _CHECKS[check][1].format(target=target)
+    lines.append(f"Try {', '.join(steps)}. {verdict}" if steps else f"{target} is already given.")
     return "\n".join(lines), _format(tree)[0]
 
 
@@ -587,6 +608,10 @@ class Countdown:
     max_nesting: int = 16
     prompt_style: str = "prose"  # prose: the User/Assistant template; compact: one short line (tiny CPU models)
     trace_misses: int = 2  # at most this many failed attempts before the solution in teacher traces
+    # null: 0..trace_misses misses, uniformly; p: after each attempt another miss follows with chance p (so the
+    # chance that the next attempt is the solution does not grow with the attempts already made)
+    trace_miss_chance: float | None = None
+    trace_check: str = "sentence"  # sentence: "29 is not 17." / "That is 17."; target: "Want 17: no." / "... yes."
 
     def __post_init__(self) -> None:
         def need_int(arg: str, low: int, high: int) -> None:
@@ -603,6 +628,11 @@ class Countdown:
         need_int("max_answer_chars", 8, 100_000)
         need_int("max_nesting", 1, 100)
         need_int("trace_misses", 0, 5)
+        chance = self.trace_miss_chance
+        if chance is not None and (isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance < 1):
+            raise ValueError(f"Countdown: trace_miss_chance must be null or a number in [0, 1), got {chance!r}")
+        if self.trace_check not in _CHECKS:
+            raise ValueError(f"Countdown: trace_check must be one of {sorted(_CHECKS)}, got {self.trace_check!r}")
         if self.prompt_style not in ("prose", "compact"):
             raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
         if not isinstance(self.use_all_numbers, bool):
@@ -781,7 +811,7 @@ class Countdown:
     def demonstration(self, row: dict) -> str | None:
         """A teacher completion continuing ``prompt(row)``: a short search, then the answer; None if unsolvable."""
         numbers, target = self._row(row)
-        found = _trace_and_expression(numbers, target, self.trace_misses)
+        found = _trace_and_expression(numbers, target, self.trace_misses, self.trace_miss_chance, self.trace_check)
         if found is None:
             return None
         trace, expression = found

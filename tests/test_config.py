@@ -74,6 +74,20 @@ def test_range_errors_name_the_key(override, key):
         to_config(override)
 
 
+def test_baseline_arms_are_checked_before_the_run(monkeypatch):
+    arms = {"enabled": True, "arms": [{"name": "continued"}]}
+    cfg = to_config({"sft": {"enabled": True}, "baseline": arms})
+    assert cfg.baseline.arms[0].start == "distilled" and cfg.baseline.arms[0].task_kwargs == {}
+    with pytest.raises(ConfigError, match=r"baseline\.enabled: needs sft\.enabled"):
+        to_config({"sft": {"enabled": False}, "baseline": arms})
+    with pytest.raises(ConfigError, match=r"baseline\.arms\[0\]\.start: must be 'distilled' or 'base'"):
+        to_config({"sft": {"enabled": True}, "baseline": {"enabled": True, "arms": [{"start": "scratch"}]}})
+    # the arms run in a single process: a torchrun world of two is refused up front, not deadlocked later
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"baseline\.enabled: the distillation-only arms run in a single process"):
+        to_config({"sft": {"enabled": True}, "baseline": arms})
+
+
 def test_cli_reports_a_bad_key_before_loading_anything(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tinyrl.train", "trainer.prompts_per_mini_batch=3", f"run_dir={tmp_path / 'run'}"],

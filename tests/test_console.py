@@ -105,3 +105,17 @@ def test_ctrl_c_during_distillation_says_how_to_continue_and_resumes_exactly(tmp
     first, second = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
     assert first["eval_before_rl"] == second["eval_before_rl"] and first["eval_after_rl"] == second["eval_after_rl"]
     assert not (stopped / "sft" / "checkpoints").exists()  # sft_model/ supersedes them
+
+
+def test_closing_lines_name_the_best_baseline_arm(tmp_path):
+    summary = {"run_dir": str(tmp_path), "eval_problems": 40, "eval_split": "test", "rl_steps": 2,
+               "accuracy_before_rl": 0.25, "accuracy_after_rl": 0.5, "wall_seconds": 12.0,
+               "baseline": {"best": "straight", "best_accuracy": 0.375, "rl_gain_over_best": 0.125,
+                            "rl_gain_over_best_se": 0.05}}
+    first, middle, last = summary_lines(summary)
+    assert first.startswith("held-out accuracy 0.250 -> 0.500 (+25.0 points) on 40 test problems after 2 RL steps")
+    assert middle == ("best distillation-only baseline in the RL phase's time (straight): held-out accuracy 0.375; "
+                      "RL is +12.5 ± 5.0 points over it (paired standard error)")
+    assert last == f"every figure is in {tmp_path / 'summary.json'}"
+    del summary["baseline"]
+    assert len(summary_lines(summary)) == 2

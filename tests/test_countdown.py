@@ -8,6 +8,7 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -383,6 +384,47 @@ def test_demonstrations_score_correct_and_show_true_arithmetic():
         missed += "is not" in think
     assert 0 < missed < len(rows)  # some traces show a failed attempt first, some go straight to the answer
     assert solve_trace(rows[0]["numbers"], rows[0]["target"]) in CD.demonstration(rows[0])
+
+
+def test_miss_counts_follow_the_chosen_distribution():
+    rows = CD.dataset("train", 3000, seed=3)
+
+    def share_of_misses(task):
+        counts = Counter(task.demonstration(r).count(" is not ") for r in rows)
+        return {k: counts[k] / len(rows) for k in sorted(counts)}
+
+    uniform = share_of_misses(Countdown(trace_misses=1))
+    assert set(uniform) == {0, 1} and abs(uniform[0] - 0.5) < 0.04
+    # another miss with chance 0.5, at most 2: shares 1/2, 1/4, 1/4 (a draw that hits the target is dropped)
+    geometric = share_of_misses(Countdown(trace_misses=2, trace_miss_chance=0.5))
+    assert set(geometric) == {0, 1, 2}
+    assert abs(geometric[0] - 0.5) < 0.04 and abs(geometric[1] - 0.25) < 0.04 and abs(geometric[2] - 0.25) < 0.04
+    assert set(share_of_misses(Countdown(trace_misses=3, trace_miss_chance=0.0))) == {0}
+    for row in rows[:200]:  # every style still ends in the teacher's one solution
+        demos = [t.demonstration(row) for t in (CD, Countdown(trace_misses=2, trace_miss_chance=0.5))]
+        assert len({d.split("<answer>")[1] for d in demos}) == 1 and all(CD.reward(d, row).correct for d in demos)
+
+
+def test_target_check_writes_the_target_before_each_verdict():
+    checked = Countdown(trace_misses=2, trace_miss_chance=0.5, trace_check="target")
+    rows = CD.dataset("train", 300, seed=5)
+    misses = 0
+    for row in rows:
+        demo = checked.demonstration(row)
+        assert checked.reward(demo, row).correct and "is not" not in demo and "That is" not in demo
+        lines = demo.split("</think>")[0].strip().splitlines()
+        assert lines[-1].endswith(f". Want {row['target']}: yes.")
+        assert all(line.endswith(f". Want {row['target']}: no.") for line in lines[:-1])
+        misses += len(lines) - 1
+    assert misses > 0
+    with pytest.raises(ValueError, match="trace_check"):
+        Countdown(trace_check="loud")
+
+
+@pytest.mark.parametrize("chance", [1.0, -0.1, True, "half"])
+def test_miss_chance_must_be_a_probability(chance):
+    with pytest.raises(ValueError, match="trace_miss_chance"):
+        Countdown(trace_miss_chance=chance)
 
 
 # ---------------------------------------------------------------------------------------------------------------

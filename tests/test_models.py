@@ -399,3 +399,20 @@ def test_build_rejects_bad_texts_and_foreign_directories(tmp_path):
     with pytest.raises(FileExistsError, match="notes"):
         build_tiny_model(foreign, ["some text"])
     assert (foreign / "todo.txt").read_text() == "keep me"
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_warns_of_nothing(tiny_dir, recwarn):
+    from tinyrl.models import enable_activation_checkpointing
+
+    ids = torch.tensor([[5, 9, 11, 7, 3, 8]])
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = load_policy(tiny_dir)
+        model.train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]

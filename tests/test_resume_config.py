@@ -129,3 +129,35 @@ def test_summary_never_compares_evaluations_on_different_problems():
     # a run whose held-out problems changed since they were measured before RL stops before any RL step
     with pytest.raises(ConfigError, match="held-out problems differ"):
         run_rl(None, {"eval_set": "0123456789abcdef", "accuracy_before_rl": 0.5}, [{"id": 1}], None)
+
+
+def test_baseline_arms_added_to_a_finished_run_and_kept_when_resumed_again(tmp_path):
+    """`baseline.enabled` is safe to turn on when resuming a finished run: the arms run after its RL arm. A run
+    stopped during the arms keeps the ones it finished."""
+    run = tmp_path / "run"
+    common = [
+        f"run_dir={run}", "task=custom", f"task.name={TASK}", "task.train_size=40", "task.eval_size=8",
+        "task.reward_workers=0", "model.tiny.vocab_size=300", "model.tiny.hidden_size=64", "model.tiny.num_heads=2",
+        "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=128", "model.tiny.corpus_problems=40",
+        "sft.enabled=true", "sft.steps=4", "sft.num_traces=40", "sft.batch_size=8", "rollout.n=2",
+        "rollout.max_response_tokens=6", "rollout.max_prompt_tokens=32", "trainer.steps=1",
+        "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4", "logging.progress=false",
+        "logging.plot=false", "threads=1",
+    ]
+    first = train(load_config(common))
+    assert "baseline" not in first
+    arms = ["baseline.enabled=true", "baseline.arms=[{name: continued},{name: fresh, start: base}]"]
+    second = train(load_config([*common, "resume=true", *arms]))
+    assert second["accuracy_after_rl"] == first["accuracy_after_rl"]  # the RL arm is not run again
+    baseline = second["baseline"]
+    extra = baseline["extra_steps"]
+    assert [(a["name"], a["start"], a["steps"]) for a in baseline["arms"]] == [
+        ("continued", "distilled", extra), ("fresh", "base", 4 + extra)]
+    assert baseline["rl_accuracy_rechecked"] == first["accuracy_after_rl"]
+    assert json.loads((run / "summary.json").read_text())["baseline"] == baseline
+    # as if stopped after both arms finished but before the summary was written: nothing is distilled again
+    kept = {i: (run / "baselines" / f"arm{i}" / "model.safetensors").stat().st_mtime_ns for i in range(2)}
+    (run / "summary.json").write_text(json.dumps(first))
+    third = train(load_config([*common, "resume=true", *arms]))
+    assert third["baseline"]["arms"] == baseline["arms"]
+    assert {i: (run / "baselines" / f"arm{i}" / "model.safetensors").stat().st_mtime_ns for i in range(2)} == kept

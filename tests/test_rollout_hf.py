@@ -108,3 +108,73 @@ def test_engine_samples_first_tokens_at_the_model_frequencies(tiny_model_dir):
     observed = torch.bincount(torch.tensor([c.token_ids[0] for c in completions]), minlength=len(expected)).double()
     observed /= observed.sum()
     assert (observed - expected).abs().max() < 0.03
+
+
+def _completions_agree(ours, theirs, tolerance=1e-5):
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert [c.finish_reason for c in ours] == [c.finish_reason for c in theirs]
+    for a, b in zip(ours, theirs):
+        assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) < tolerance
+
+
+def test_static_cache_decoder_matches_the_models_own_forward(tiny_model_dir):
+    """The preallocated-cache decoder gives the same completions as transformers' forward with its own cache,
+    whether finished rows leave the cache at once (compact_below=1) or never (0)."""
+    from tinyrl.rollout.hf import HFEngine
+    from tinyrl.rollout.kv_decode import StaticKVDecoder
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    assert StaticKVDecoder.supports(model)
+    prompts = _prompts(tokenizer)  # three lengths: left padding in every batch
+    sampling = SamplingConfig(max_new_tokens=24, n=4, temperature=1.3, seed=11, stop=("=",))
+    reference = HFEngine(model, tokenizer, fast_decode=False, compact_below=1.0).generate(prompts, sampling)
+    assert {c.finish_reason for c in reference} == {"stop", "length"}  # rows finish at different steps
+    for compact_below in (1.0, 0.75, 0.0):
+        ours = HFEngine(model, tokenizer, compact_below=compact_below).generate(prompts, sampling)
+        _completions_agree(ours, reference)
+    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    _completions_agree(HFEngine(model, tokenizer).generate(prompts, greedy),
+                       HFEngine(model, tokenizer, fast_decode=False).generate(prompts, greedy))
+
+
+def test_static_cache_decoder_covers_llama_and_qwen3_layers(tiny_model_dir):
+    """Llama (no attention bias) and Qwen3 (per-head q/k norms) run through the same decoder, exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tinyrl.rollout.hf import HFEngine
+    from tinyrl.rollout.kv_decode import StaticKVDecoder
+
+    _, tokenizer = load_policy(tiny_model_dir)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    for model in (LlamaForCausalLM(LlamaConfig(**shape)), Qwen3ForCausalLM(Qwen3Config(**shape))):
+        model.eval()
+        assert StaticKVDecoder.supports(model)
+        sampling = SamplingConfig(max_new_tokens=12, n=3, temperature=1.0, seed=2)
+        _completions_agree(HFEngine(model, tokenizer).generate(_prompts(tokenizer), sampling),
+                           HFEngine(model, tokenizer, fast_decode=False).generate(_prompts(tokenizer), sampling))
+
+
+def test_generation_raises_no_deprecation_warnings(tiny_model_dir, recwarn):
+    """Neither decode path passes arguments that transformers has deprecated (e.g. `past_key_values` in 5.24)."""
+    import logging
+
+    from tinyrl.rollout.hf import HFEngine
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        for fast in (True, False):
+            HFEngine(model, tokenizer, fast_decode=fast).generate(
+                _prompts(tokenizer), SamplingConfig(max_new_tokens=4, n=2, temperature=1.0, seed=0)
+            )
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [w for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not [r for r in records if "deprecat" in r.getMessage().lower()]

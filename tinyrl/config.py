@@ -150,6 +150,23 @@ class SFTConfig:
 
 
 @dataclass
+class BaselineArm:
+    """One distillation-only arm: the teacher's traces it distils and where it starts."""
+
+    name: str = "continued distillation"
+    task_kwargs: dict = field(default_factory=dict)  # overrides of task.kwargs for the teacher (e.g. trace_misses: 0)
+    start: str = "distilled"  # distilled: sft_model + the RL phase's seconds; base: base model + distillation and RL's
+
+
+@dataclass
+class BaselineConfig:
+    """Distillation-only arms run after the RL arm, each given the distillation it could have had in RL's time."""
+
+    enabled: bool = False
+    arms: list[BaselineArm] = field(default_factory=lambda: [BaselineArm()])
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100  # RL steps
     prompts_per_step: int = 64
@@ -203,6 +220,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -359,6 +377,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_task(cfg.task)
     _validate_distributed(cfg)
     _validate_packing(cfg)
+    _validate_baseline(cfg)
     if m.path is None:
         tiny = m.tiny
         _check(
@@ -455,6 +474,22 @@ def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:
         low = c.rollout_rs_threshold_lower if c.rollout_rs_threshold_lower is not None else 1.0 / high
         _check(0 < low <= high, f"{key}.rollout_rs_threshold_lower",
                f"must be in (0, rollout_rs_threshold = {high:g}], got {low:g}")
+
+
+def _validate_baseline(cfg: TrainConfig) -> None:
+    b = cfg.baseline
+    if not b.enabled:
+        return
+    _check(cfg.sft.enabled, "baseline.enabled", "needs sft.enabled: the arms are priced in distillation steps")
+    _check(cfg.sft.traces_path is None, "baseline.enabled", "needs the task's own teacher (sft.traces_path null)")
+    _check(bool(b.arms), "baseline.arms", "must list at least one arm")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    _check(world_size == 1, "baseline.enabled",
+           f"the distillation-only arms run in a single process, and torchrun started {world_size}; run the "
+           f"experiment without torchrun or pass baseline.enabled=false")
+    for i, arm in enumerate(b.arms):
+        _check(arm.start in ("distilled", "base"), f"baseline.arms[{i}].start",
+               f"must be 'distilled' or 'base', got {arm.start!r}")
 
 
 def _validate_distributed(cfg: TrainConfig) -> None:

@@ -1,5 +1,5 @@
 """What a run prints for a person: a line when each long phase starts and ends, every held-out accuracy, and a
-two-line summary at the end pointing to the files worth opening.
+closing summary at the end pointing to the files worth opening.
 
 Figures measured on the training samples of a step are labelled `train`; figures on the held-out problems are
 labelled `held-out`. Everything goes to stdout and `logging.progress=false` silences it (the files are the record).
@@ -52,7 +52,8 @@ def held_out_line(when: str, result: Mapping[str, Any]) -> str:
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The closing two lines: held-out accuracy before and after RL, and where the curves and samples are."""
+    """The closing lines: held-out accuracy before and after RL, the best distillation-only baseline arm when
+    `baseline.enabled` ran them, and where the curves and samples are."""
     run = Path(summary["run_dir"])
     n, split, steps = summary["eval_problems"], summary.get("eval_split", "test"), summary["rl_steps"]
     took = format_duration(summary.get("wall_seconds", 0.0))
@@ -68,4 +69,12 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     second = f"see {' and '.join(files)}; every figure is in {run / 'summary.json'}" if files else (
         f"every figure is in {run / 'summary.json'}"
     )
-    return [first, second]
+    lines = [first]
+    baseline = summary.get("baseline")
+    if baseline:
+        lines.append(
+            f"best distillation-only baseline in the RL phase's time ({baseline['best']}): held-out accuracy "
+            f"{baseline['best_accuracy']:.3f}; RL is {100 * baseline['rl_gain_over_best']:+.1f} "
+            f"± {100 * baseline['rl_gain_over_best_se']:.1f} points over it (paired standard error)"
+        )
+    return lines + [second]

@@ -40,6 +40,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_tiny_model",
     "count_parameters",
+    "enable_activation_checkpointing",
     "load_critic",
     "load_policy",
     "train_tokenizer",
@@ -246,6 +247,16 @@ def load_policy(
             f"missing weights: {sorted(info['missing_keys'])}"
         )
     return model.to(device), tokenizer
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, more time).
+
+    transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name
+    warns and goes in v6); older releases only have the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def load_critic(

@@ -46,6 +46,8 @@ SAFE_ON_RESUME = (
     "logging.wandb",
     "logging.progress",
     "logging.plot",
+    "baseline.enabled",  # the distillation-only arms run after RL and change nothing in it
+    "baseline.arms",
 )
 _WHERE = ("run_dir", "resume")  # where the run is: always taken from what was given
 

@@ -162,7 +162,7 @@ class RLTrainer:
 
         `start_path` (default `model.path`) is where the policy, the frozen reference and a fresh critic start.
         """
-        from tinyrl.models import load_critic, load_policy
+        from tinyrl.models import enable_activation_checkpointing, load_critic, load_policy
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
         world = world or init_world(cfg.device, cfg.distributed.timeout_s)
@@ -182,7 +182,7 @@ class RLTrainer:
         if policy is None:
             policy, tokenizer = load_policy(start_path, device=device, attn_implementation=attention)
         if cfg.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            enable_activation_checkpointing(policy)
         reference = critic = None
         if uses_reference(cfg.algorithm):
             reference, _ = load_policy(
@@ -194,7 +194,7 @@ class RLTrainer:
                 critic_path or cfg.model.critic_path or start_path, device=device, attn_implementation=attention
             )
             if cfg.model.gradient_checkpointing:
-                critic.gradient_checkpointing_enable()
+                enable_activation_checkpointing(critic)
         return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
                    world=world)
 

@@ -8,21 +8,27 @@ and drop finished sequences from the batch as it goes.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 
 from tinyrl.rollout.base import Completion, SamplingConfig
+from tinyrl.rollout.kv_decode import StaticKVDecoder
 
 
 class HFEngine:
     # Samples from the training model object itself, so its log-probs are the current policy's.
     shares_policy_weights = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 512):
+    def __init__(self, model, tokenizer, batch_size: int = 512, fast_decode: bool = True, compact_below: float = 0.75):
+        """`fast_decode`: use `StaticKVDecoder` when the architecture allows (else the model's own forward);
+        `compact_below`: drop finished rows from the cache once the live share of its rows falls below this."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.fast_decode = fast_decode
+        self.compact_below = compact_below
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -61,6 +67,11 @@ class HFEngine:
             self._piece_cache[token_id] = piece
         return piece
 
+    def _decoder(self, rows: int, max_len: int):
+        if self.fast_decode and StaticKVDecoder.supports(self.model):
+            return StaticKVDecoder(self.model, rows, max_len)
+        return ModelForwardDecoder(self.model)
+
     def _generate_chunk(self, prompts, requests, sampling: SamplingConfig) -> list[Completion]:
         device = next(self.model.parameters()).device
         batch = len(prompts)
@@ -71,7 +82,6 @@ class HFEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         uniforms = None
         if sampling.temperature > 0:
             # One U(0,1) draw per decoding step from each completion's own stream, drawn up front.
@@ -86,54 +96,44 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finish = ["length"] * batch
-        active = list(range(batch))  # rows still decoding, in cache order
-        active_index = torch.arange(batch, device=device)
+        # Cache row r holds completion rows[r], or None once it finished. Finished rows stay in the cache (and are
+        # computed, unread) until enough have finished that dropping them pays for copying the cache.
+        cache_rows: list[int | None] = list(range(batch))
+        live = batch
+        cache_index = torch.arange(batch, device=device)
         # A stop string can only complete on a token holding its last character; only those tokens trigger a
         # look at the recent text (a token decodes to at least one character, so this many tokens cover it).
         stop_ends = {s[-1] for s in sampling.stop if s}
         tail_tokens = max((len(s) for s in sampling.stop), default=0)
 
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-        cache = out.past_key_values
-        next_positions = position_ids[:, -1] + 1
+        decoder = self._decoder(batch, width + sampling.max_new_tokens)
+        logits, positions = decoder.prefill(input_ids, attention_mask)
         for step in range(sampling.max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            draws = uniforms[active_index, step] if uniforms is not None else None
-            chosen, chosen_logprobs = self._sample(logits, sampling, draws)
-            keep = []
-            for k, (row, tok, logprob) in enumerate(zip(active, chosen.tolist(), chosen_logprobs.tolist())):
+            draws = uniforms[cache_index, step] if uniforms is not None else None
+            chosen, chosen_logprobs = self._sample(logits.float(), sampling, draws)
+            for r, (row, tok, logprob) in enumerate(zip(cache_rows, chosen.tolist(), chosen_logprobs.tolist())):
+                if row is None:
+                    continue
                 tokens[row].append(tok)
                 logprobs[row].append(logprob)
-                if tok in self.eos_ids:
-                    finish[row] = "stop"
-                    continue
-                if stop_ends and any(c in self._piece(tok) for c in stop_ends):
+                done = tok in self.eos_ids
+                if not done and stop_ends and any(c in self._piece(tok) for c in stop_ends):
                     recent = "".join(self._piece(t) for t in tokens[row][-tail_tokens:])
-                    if any(s in recent for s in sampling.stop):
-                        finish[row] = "stop"
-                        continue
-                keep.append(k)
-            if not keep:
+                    done = any(s in recent for s in sampling.stop)
+                if done:
+                    finish[row] = "stop"
+                    cache_rows[r] = None
+                    live -= 1
+            if live == 0 or step == sampling.max_new_tokens - 1:
                 break
-            if len(keep) < len(active):
+            if live <= self.compact_below * len(cache_rows):
+                keep = [r for r, row in enumerate(cache_rows) if row is not None]
                 index = torch.tensor(keep, device=device)
-                for layer in cache.layers:
-                    layer.batch_select_indices(index)
-                attention_mask = attention_mask[index]
-                next_positions = next_positions[index]
-                chosen = chosen[index]
-                active = [active[k] for k in keep]
-                active_index = active_index[index]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=chosen[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            next_positions = next_positions + 1
+                decoder.keep_rows(index)
+                cache_rows = [cache_rows[r] for r in keep]
+                cache_index, positions, chosen = cache_index[index], positions[index], chosen[index]
+            logits = decoder.step(chosen, positions)
+            positions = positions + 1
 
         completions = []
         for row, (i, j) in enumerate(requests):
@@ -173,3 +173,36 @@ class HFEngine:
         last_possible = (probs > 0).cumsum(-1).argmax(-1)
         chosen = torch.minimum(chosen, last_possible)
         return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1)
+
+
+class ModelForwardDecoder:
+    """`StaticKVDecoder`'s interface over the model's own forward and transformers' cache, for any causal LM."""
+
+    def __init__(self, model):
+        self.model = model
+        # transformers 5.24 renamed the cache argument and output field (`past_key_values` -> `cache`)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = None
+        self.attention_mask = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.attention_mask = attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        self.cache = out[self.cache_arg]
+        return out.logits[:, -1, :], positions[:, -1] + 1
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None], attention_mask=self.attention_mask, position_ids=positions[:, None],
+            use_cache=True, **{self.cache_arg: self.cache},
+        )
+        self.cache = out[self.cache_arg]
+        return out.logits[:, -1, :]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
