@@ -9,8 +9,9 @@ world_size, gpu_gb)` returns it. The figures follow how tinyrl trains (tinyrl/di
   all of it to CPU memory.
 - Transient, one phase at a time (estimates):
   generation (transformers engine): the gathered policy in the compute dtype plus the larger of the prompt
-  pass (the prompts' KV cache, logits at every prompt position, one layer's MLP intermediates) and decoding
-  (the KV cache of `rollout.batch_size` full-length sequences); a colocated vLLM engine instead holds
+  pass (the full-length KV cache, allocated up front, plus per prompt token its cache, logits and one layer's
+  MLP intermediates) and decoding (twice the full-length KV cache of `rollout.batch_size` sequences: dropping
+  finished rows copies it); a colocated vLLM engine instead holds
   `rollout.gpu_memory_utilization` of the GPU, throughout or (`rollout.sleep_level`) only while it generates;
   a vLLM server (`rollout.layout=server`) holds nothing on the training GPU;
   no-gradient passes: one gathered model plus one micro-batch's logits;
@@ -230,15 +231,19 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     else:
         batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences
         kv_token = shape.kv_bytes_per_token(sampling)
-        # The prompt's forward pass: its KV cache, logits at every prompt position (the engine keeps them until
-        # the first decode step) and one layer's MLP intermediates. Then decoding grows the cache to full length
-        # by concatenation (one layer's cache exists twice), with float32 logits of one step.
-        prefill = batch * r.max_prompt_tokens * (kv_token + shape.vocab_size * sampling + 3 * shape.intermediate_size * sampling)
-        decode = batch * row * kv_token * (shape.num_layers + 1) // shape.num_layers + batch * shape.vocab_size * 4
+        # The transformers engine preallocates the full-length KV cache (`StaticKVDecoder`) before the prompt's
+        # forward pass, which adds per prompt token the transient cache, logits-sized and MLP intermediates
+        # (measured on the CPU: +1 cache against the growing-cache path at 24 and 48 new tokens). Decoding keeps
+        # the cache in place; dropping finished rows copies it once (old and new exist together), with float32
+        # logits of one step.
+        full_cache = batch * row * kv_token
+        prefill = full_cache + batch * r.max_prompt_tokens * (
+            kv_token + shape.vocab_size * sampling + 3 * shape.intermediate_size * sampling)
+        decode = 2 * full_cache + batch * shape.vocab_size * 4
         sampling_parts = {
             "gathered policy for sampling (compute dtype)": sampling * full_policy if sharded else 0,
-            "sampling: prompt pass (KV cache, prompt logits)": prefill,
-            "sampling: decoding (full KV cache)": decode,
+            "sampling: prompt pass (full KV cache, prompt logits)": prefill,
+            "sampling: decoding (full KV cache, copied once)": decode,
         }
         components.update(sampling_parts)
         generation = sampling_parts["gathered policy for sampling (compute dtype)"] + max(prefill, decode)
