@@ -73,7 +73,8 @@ def main() -> None:
               f"{measured / plan.phases['update']:.2f} |")
     for sampled in (24, 96):
         cfg = config(model, root / f"s{sampled}", f"rollout.max_response_tokens={sampled}", "rollout.n=1",
-                     "algorithm.advantage=reinforce_pp", "rollout.batch_size=64", "trainer.prompts_per_step=64", "trainer.prompts_per_mini_batch=64")
+                     "algorithm.advantage=reinforce_pp", "rollout.batch_size=64", "trainer.prompts_per_step=64",
+                     "trainer.prompts_per_mini_batch=64")
         trainer = RLTrainer.from_config(cfg)
         prompts = [torch.randint(3, 300, (PROMPT,), generator=g).tolist() for _ in range(64)]
         sampling = SamplingConfig(max_new_tokens=sampled, temperature=1.0, seed=0)
