@@ -39,7 +39,9 @@ def test_a_run_prints_its_phases_labelled_figures_and_a_closing_summary(tmp_path
     run = tmp_path / "run"
     summary = train(load_config(_distilling(run, "sft.steps=6", "trainer.steps=2", "trainer.eval_every=1",
                                             "trainer.samples_every=1", "logging.plot=true")))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Writing model shards" not in captured.err and "Loading weights" not in captured.err  # only our lines
     for phase in ("building a tiny Qwen2 and its tokenizer from 40 training problems",
                   f"loading the policy from {run / 'base_model'} on cpu",
                   "held-out evaluation before RL on 8 problems", "held-out evaluation after RL on 8 problems"):

@@ -79,6 +79,11 @@ def train(config: TrainConfig | dict | Any) -> dict:
     world = init_world(cfg.device, cfg.distributed.timeout_s)
     world.check_cpu_offload(cfg.distributed.cpu_offload)
     console = Console(cfg.logging.progress and world.is_main)
+    # the console shows each phase itself; transformers' per-file bars for every checkpoint save and model load
+    # would interleave with it
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     task, train_rows, eval_rows = load_problems(cfg)
     run = prepare_run(cfg, world, console)
     try:
