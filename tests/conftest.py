@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,19 @@ TINY_TEXTS = [
     for b in range(1, 9)
     for c, t in ((2, 10), (3, 27))
 ]
+
+LEARNABLE_TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
+
+
+def one_step_overrides(model_dir) -> list[str]:
+    """A one-step GRPO run of the learnable digit task on `model_dir`, for command-line tests."""
+    return [
+        f"model.path={model_dir}", "task=custom", f"task.name={LEARNABLE_TASK}", "task.train_size=32",
+        "task.eval_size=8", "task.reward_workers=0", "sft.enabled=false", "rollout.n=2",
+        "rollout.max_response_tokens=6", "trainer.steps=1", "trainer.prompts_per_step=4",
+        "trainer.prompts_per_mini_batch=4", "trainer.samples_every=0", "logging.progress=false", "logging.plot=false",
+        "threads=1",
+    ]
 
 
 @pytest.fixture(scope="session")

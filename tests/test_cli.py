@@ -8,17 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import LEARNABLE_TASK, one_step_overrides
+
 BIN = Path(sys.executable).parent
-TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
-
-
-def _tiny(model_dir):
-    return [
-        f"model.path={model_dir}", "task=custom", f"task.name={TASK}", "task.train_size=32", "task.eval_size=8",
-        "task.reward_workers=0", "sft.enabled=false", "rollout.n=2", "rollout.max_response_tokens=6",
-        "trainer.steps=1", "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4",
-        "trainer.samples_every=0", "logging.progress=false", "logging.plot=false", "threads=1",
-    ]
 
 
 def _run(args, cwd, timeout=600):
@@ -31,7 +23,7 @@ def _run(args, cwd, timeout=600):
 def test_multirun_sweep_runs_every_combination(tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     _run([str(BIN / "tinyrl-train"), "-m", "algorithm=grpo,dr_grpo", "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
-          *_tiny(tiny_model_dir)], cwd=tmp_path)
+          *one_step_overrides(tiny_model_dir)], cwd=tmp_path)
     summaries = sorted(sweep_dir.glob("*/summary.json"))
     assert len(summaries) == 4
     seen = set()
@@ -45,8 +37,8 @@ def test_multirun_sweep_runs_every_combination(tiny_model_dir, tmp_path):
 
 
 def test_eval_prints_accuracy_and_pass_at_k_of_a_checkpoint(tiny_model_dir, tmp_path):
-    out = _run([str(BIN / "tinyrl-eval"), f"checkpoint={tiny_model_dir}", "task=custom", f"task.name={TASK}",
-                "task.reward_workers=0", "size=6", "pass_k=4", "max_response_tokens=6", f"out={tmp_path / 'ev'}"],
+    out = _run([str(BIN / "tinyrl-eval"), f"checkpoint={tiny_model_dir}", "task=custom",
+                f"task.name={LEARNABLE_TASK}", "task.reward_workers=0", "size=6", "pass_k=4", "max_response_tokens=6", f"out={tmp_path / 'ev'}"],
                cwd=tmp_path)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["n_problems"] == 6
@@ -60,7 +52,7 @@ def test_sft_entry_point_distils_and_evaluates(tiny_model_dir, tmp_path):
     traces.write_text("".join(json.dumps({"prompt": f"Problem {i}: say digits.\n", "completion": "4242 4242"}) + "\n"
                               for i in range(20)))
     run = tmp_path / "sft_run"
-    _run([str(BIN / "tinyrl-sft"), *_tiny(tiny_model_dir), f"run_dir={run}", f"sft.traces_path={traces}",
+    _run([str(BIN / "tinyrl-sft"), *one_step_overrides(tiny_model_dir), f"run_dir={run}", f"sft.traces_path={traces}",
           "sft.enabled=true", "sft.steps=40", "sft.batch_size=8", "sft.lr=3e-3", "trainer.steps=0"], cwd=tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 0 and summary["sft_steps"] == 40
@@ -71,7 +63,7 @@ def test_sft_entry_point_distils_and_evaluates(tiny_model_dir, tmp_path):
 
 def test_plot_entry_point_writes_a_png(tiny_model_dir, tmp_path):
     run = tmp_path / "plotted"
-    _run([str(BIN / "tinyrl-train"), *_tiny(tiny_model_dir), f"run_dir={run}", "trainer.steps=2"], cwd=tmp_path)
+    _run([str(BIN / "tinyrl-train"), *one_step_overrides(tiny_model_dir), f"run_dir={run}", "trainer.steps=2"], cwd=tmp_path)
     out = _run([str(BIN / "tinyrl-plot"), str(run)], cwd=tmp_path)
     png = Path(out.stdout.strip().splitlines()[-1])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,17 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import one_step_overrides
+
 REPO = Path(__file__).resolve().parents[1]
-TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
-
-
-def _tiny(model_dir):
-    return [
-        f"model.path={model_dir}", "task=custom", f"task.name={TASK}", "task.train_size=32", "task.eval_size=8",
-        "task.reward_workers=0", "sft.enabled=false", "rollout.n=2", "rollout.max_response_tokens=6",
-        "trainer.steps=1", "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4",
-        "trainer.samples_every=0", "logging.progress=false", "logging.plot=false", "threads=1",
-    ]
 
 
 def _env_without_venv_on_path():
@@ -33,7 +25,7 @@ def _env_without_venv_on_path():
 def test_sweep_script_runs_without_the_venv_on_path(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(["bash", str(REPO / "examples" / "sweep.sh"), f"hydra.sweep.dir={sweep}",
-                             *_tiny(tiny_model_dir)], cwd=tmp_path, env=_env_without_venv_on_path(),
+                             *one_step_overrides(tiny_model_dir)], cwd=tmp_path, env=_env_without_venv_on_path(),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = sorted(sweep.glob("*/summary.json"))
@@ -45,7 +37,7 @@ def test_python_example_runs_twice_in_one_directory(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for _ in range(2):
         result = subprocess.run([sys.executable, str(REPO / "examples" / "train_from_python.py"),
-                                 *_tiny(tiny_model_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 *one_step_overrides(tiny_model_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "held-out accuracy" in result.stdout and "step 3: train reward" in result.stdout

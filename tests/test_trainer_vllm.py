@@ -24,14 +24,18 @@ VLLM = ("rollout=vllm", "rollout.kv_cache_memory_bytes=67108864")
 
 
 def _config(tiny_model_dir, run_dir, *overrides):
-    return load_config([
+    return load_config(_overrides(tiny_model_dir, run_dir, *overrides))
+
+
+def _overrides(tiny_model_dir, run_dir, *overrides):
+    return [
         f"model.path={tiny_model_dir}", f"run_dir={run_dir}", f"task.name={TASK}", "task=custom",
         "task.train_size=64", "task.eval_size=8", "task.reward_workers=0", "sft.enabled=false",
         "rollout.n=8", "rollout.max_response_tokens=8", "rollout.max_prompt_tokens=64",
         "trainer.prompts_per_step=8", "trainer.prompts_per_mini_batch=8", "trainer.lr=3e-3",
         "trainer.micro_batch_tokens=4096", "trainer.samples_every=0", "logging.progress=false",
         "logging.plot=false", "threads=1", "algorithm=grpo", "algorithm.kl_coef=0", *overrides,
-    ])
+    ]
 
 
 def _train_rows(run_dir):
@@ -123,22 +127,16 @@ def test_a_weight_sync_that_cannot_be_repaired_stops_the_run_naming_the_step(tin
 def test_two_torchrun_ranks_each_with_its_own_engine_train_as_one_process_does(tiny_model_dir, tmp_path):
     """Each rank generates its own whole groups with its own vLLM engine (external_launcher) and loads the
     gathered weights after every update: the metrics and weights equal one process's on the same global batch."""
-    common = [
-        f"model.path={tiny_model_dir}", f"task.name={TASK}", "task=custom", "task.train_size=64", "task.eval_size=8",
-        "task.reward_workers=0", "sft.enabled=false", "rollout.n=4", "rollout.max_response_tokens=8",
-        "rollout.max_prompt_tokens=64", "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4",
-        "trainer.lr=3e-3", "trainer.micro_batch_tokens=4096", "trainer.samples_every=0", "trainer.steps=3",
-        "trainer.eval_every=3", "logging.progress=false", "logging.plot=false", "threads=1", "algorithm=grpo",
-        "algorithm.kl_coef=0", "distributed.timeout_s=300", *VLLM,
-    ]
+    smaller = ("rollout.n=4", "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4", "trainer.steps=3",
+               "trainer.eval_every=3", "distributed.timeout_s=300", *VLLM)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runs = {}
     for name, launcher in [("one", [sys.executable, "-m", "tinyrl.train"]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     "--nproc_per_node=2", "-m", "tinyrl.train"])]:
         runs[name] = tmp_path / name
-        done = subprocess.run([*launcher, *common, f"run_dir={runs[name]}"], env=env, capture_output=True,
-                              text=True, timeout=900)
+        done = subprocess.run([*launcher, *_overrides(tiny_model_dir, runs[name], *smaller)], env=env,
+                              capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     one, two = _train_rows(runs["one"]), _train_rows(runs["two"])
     assert [r["step"] for r in two] == [1, 2, 3]

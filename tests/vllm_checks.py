@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tinyrl.rollout import SamplingConfig, make_engine
+from tinyrl.rollout import SamplingConfig, make_engine, policy_named_tensors
 from tinyrl.rollout.vllm import VLLMEngine
 
 from conftest import TINY_TEXTS
@@ -48,3 +48,22 @@ def assert_greedy_matches(model, tokenizer, engine, prompts, max_new_tokens=12):
     for a, b in zip(ours, hf):
         assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() < 1e-3
     return ours
+
+
+def assert_engine_follows_weight_syncs(model, tokenizer, engine, prompts):
+    """Greedy output equals transformers' before a sync, after perturbing every weight and syncing (and differs
+    from before), and again after syncing the original weights back (and equals before)."""
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    before = assert_greedy_matches(model, tokenizer, engine, prompts)  # also fills the prefix cache
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+        engine.load_weights(policy_named_tensors(model))
+        after = assert_greedy_matches(model, tokenizer, engine, prompts)
+        assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    finally:
+        model.load_state_dict(original)
+        engine.load_weights(policy_named_tensors(model))
+    back = assert_greedy_matches(model, tokenizer, engine, prompts)
+    assert [c.token_ids for c in back] == [c.token_ids for c in before]
