@@ -35,11 +35,31 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
     summary["phase_seconds"] = {p[5:]: sum(r.get(p) or 0.0 for r in steps) / len(steps) for p in phases}
     evals = [r for r in rows if "eval/accuracy" in r]
     summary["eval_curve"] = list({r["step"]: r["eval/accuracy"] for r in evals}.values())
+    summary["examples"] = before_after_examples(run_dir)
     summary["train_accuracy_first_last"] = (
         sum(r["reward/accuracy"] for r in steps[:10]) / min(10, len(steps)),
         sum(r["reward/accuracy"] for r in steps[-10:]) / min(10, len(steps)),
     )
     return summary
+
+
+def before_after_examples(run_dir: Path, count: int = 2) -> list[dict]:
+    """Held-out problems whose greedy completion was wrong before RL and right after it: the evaluation files of
+    the first and last evaluation hold the completions of the same leading problems."""
+    files = sorted((run_dir / "eval").glob("step_*.json"))
+    if len(files) < 2:
+        return []
+    before, after = (json.loads(f.read_text())["samples"] for f in (files[0], files[-1]))
+    changed = [{"prompt": b["prompt"], "before": b["completion"], "after": a["completion"]}
+               for b, a in zip(before, after) if b["prompt"] == a["prompt"] and not b["correct"] and a["correct"]]
+    return changed[:count]
+
+
+def print_examples(seed: int, examples: list[dict]) -> None:
+    for example in examples:
+        print(f"\nSeed {seed}, held-out problem `{example['prompt'].splitlines()[0]}`\n")
+        print("Before RL (wrong):\n```\n" + example["before"].strip() + "\n```\n")
+        print("After RL (right):\n```\n" + example["after"].strip() + "\n```")
 
 
 def main() -> None:
@@ -83,6 +103,9 @@ def main() -> None:
               + f" | {s.get('sft_seconds', 0.0):.0f} | {', '.join(f'{a:.3f}' for a in s['eval_curve'])} |")
     print("\nTraining-sample accuracy, mean of the first and last 10 RL steps:",
           {seed: tuple(round(x, 3) for x in s["train_accuracy_first_last"]) for seed, s in results.items()})
+    print("\nGreedy completions of held-out problems that RL turned from wrong to right:")
+    for seed, s in results.items():
+        print_examples(seed, s["examples"])
 
 
 if __name__ == "__main__":
