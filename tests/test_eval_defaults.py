@@ -44,3 +44,10 @@ def test_eval_of_a_run_checkpoint_uses_the_runs_settings(tiny_model_dir, tmp_pat
     told, _ = _eval([f"checkpoint={actor}", "pass_k=0", "max_response_tokens=3", "size=4"], tmp_path)
     assert told["n_problems"] == 4 and told["response_length_max"] <= 3  # what the command line says wins
     assert told["settings"]["task"] == TASK and told["split"] == "validation"  # the rest still from the run
+
+    # the training key for the same thing would be ignored: refused in one line, naming the key to give
+    for key, instead in (("task.eval_size=4", "size="), ("task.eval_split=test", "split=")):
+        refused = subprocess.run([str(BIN / "tinyrl-eval"), f"checkpoint={actor}", key], cwd=tmp_path,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert key.split("=")[0] in refused.stderr and instead in refused.stderr and not refused.stdout.strip()

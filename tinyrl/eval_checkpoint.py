@@ -123,6 +123,21 @@ RUN_SETTINGS = {
 }
 
 
+# training keys of the task group that tinyrl-eval does not read, and the tinyrl-eval keys that say the same
+TRAINING_ONLY_KEYS = {"task.eval_size": "size", "task.eval_split": "split"}
+
+
+def refuse_training_only_keys(overrides: Sequence[str]) -> None:
+    """A `task.eval_size` or `task.eval_split` on tinyrl-eval's command line would be ignored (it scores `size`
+    problems of `split`): refuse it, naming the key to give instead."""
+    from tinyrl.compose import override_keys
+    from tinyrl.config import ConfigError
+
+    for key in sorted(override_keys(overrides) & TRAINING_ONLY_KEYS.keys()):
+        raise ConfigError(f"tinyrl-eval does not read {key}; give {TRAINING_ONLY_KEYS[key]}=... for the problems it "
+                          f"scores")
+
+
 def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
     """The run directory that wrote a model directory (`checkpoints/step_*/actor`, `sft_model`, `base_model`):
     the nearest parent, at most three levels up, holding a training run's `config.yaml`."""
@@ -173,6 +188,7 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
     from tinyrl.rollout import make_engine
     from tinyrl.task import RewardScorer, get_task
 
+    refuse_training_only_keys(overrides)
     cfg, run_dir = with_run_settings(cfg, overrides)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
