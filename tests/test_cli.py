@@ -38,8 +38,8 @@ def test_multirun_sweep_runs_every_combination(tiny_model_dir, tmp_path):
 
 def test_eval_prints_accuracy_and_pass_at_k_of_a_checkpoint(tiny_model_dir, tmp_path):
     out = _run([str(BIN / "tinyrl-eval"), f"checkpoint={tiny_model_dir}", "task=custom",
-                f"task.name={LEARNABLE_TASK}", "task.reward_workers=0", "size=6", "pass_k=4", "max_response_tokens=6", f"out={tmp_path / 'ev'}"],
-               cwd=tmp_path)
+                f"task.name={LEARNABLE_TASK}", "task.reward_workers=0", "size=6", "pass_k=4", "max_response_tokens=6",
+                f"out={tmp_path / 'ev'}"], cwd=tmp_path)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["n_problems"] == 6
     assert set(result["pass@k"]) == {"1", "2", "4"} or set(result["pass@k"]) == {1, 2, 4}
@@ -63,7 +63,8 @@ def test_sft_entry_point_distils_and_evaluates(tiny_model_dir, tmp_path):
 
 def test_plot_entry_point_writes_a_png(tiny_model_dir, tmp_path):
     run = tmp_path / "plotted"
-    _run([str(BIN / "tinyrl-train"), *one_step_overrides(tiny_model_dir), f"run_dir={run}", "trainer.steps=2"], cwd=tmp_path)
+    _run([str(BIN / "tinyrl-train"), *one_step_overrides(tiny_model_dir), f"run_dir={run}", "trainer.steps=2"],
+         cwd=tmp_path)
     out = _run([str(BIN / "tinyrl-plot"), str(run)], cwd=tmp_path)
     png = Path(out.stdout.strip().splitlines()[-1])
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,17 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import LEARNABLE_TASK as TASK
 from tinyrl.compose import load_config
 from tinyrl.experiment import train
 
 BIN = Path(sys.executable).parent
-TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
 REPORT_ONLY = ("checkpoint", "split", "settings_from", "settings")
 
 
+def _tinyrl_eval(args, cwd):
+    return subprocess.run([str(BIN / "tinyrl-eval"), *args], cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
 def _eval(args, cwd):
-    result = subprocess.run([str(BIN / "tinyrl-eval"), *args], cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True, timeout=300)
+    result = _tinyrl_eval(args, cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout[result.stdout.index("{"):]), result.stderr
 
@@ -47,7 +51,6 @@ def test_eval_of_a_run_checkpoint_uses_the_runs_settings(tiny_model_dir, tmp_pat
 
     # the training key for the same thing would be ignored: refused in one line, naming the key to give
     for key, instead in (("task.eval_size=4", "size="), ("task.eval_split=test", "split=")):
-        refused = subprocess.run([str(BIN / "tinyrl-eval"), f"checkpoint={actor}", key], cwd=tmp_path,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        refused = _tinyrl_eval([f"checkpoint={actor}", key], tmp_path)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert key.split("=")[0] in refused.stderr and instead in refused.stderr and not refused.stdout.strip()

@@ -37,8 +37,8 @@ def test_python_example_runs_twice_in_one_directory(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for _ in range(2):
         result = subprocess.run([sys.executable, str(REPO / "examples" / "train_from_python.py"),
-                                 *one_step_overrides(tiny_model_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=600)
+                                 *one_step_overrides(tiny_model_dir)], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "held-out accuracy" in result.stdout and "step 3: train reward" in result.stdout
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

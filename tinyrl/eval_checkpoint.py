@@ -133,9 +133,10 @@ def refuse_training_only_keys(overrides: Sequence[str]) -> None:
     from tinyrl.compose import override_keys
     from tinyrl.config import ConfigError
 
-    for key in sorted(override_keys(overrides) & TRAINING_ONLY_KEYS.keys()):
-        raise ConfigError(f"tinyrl-eval does not read {key}; give {TRAINING_ONLY_KEYS[key]}=... for the problems it "
-                          f"scores")
+    ignored = sorted(override_keys(overrides) & TRAINING_ONLY_KEYS.keys())
+    if ignored:
+        raise ConfigError(f"tinyrl-eval does not read {ignored[0]}; give {TRAINING_ONLY_KEYS[ignored[0]]}=... for the "
+                          f"problems it scores")
 
 
 def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
