@@ -73,25 +73,33 @@ def _run_training(overrides: Sequence[str], config_name: str) -> None:
     from tinyrl.compose import load_config
 
     config = load_config(overrides, config_name)
+    from tinyrl.distributed import shutdown_world
     from tinyrl.experiment import train
 
     train(config)
+    shutdown_world()
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base=None)
 def _train(cfg: DictConfig) -> float:
+    from tinyrl.distributed import shutdown_world
     from tinyrl.experiment import train
 
     with _reported("tinyrl-train"):
-        return float(train(cfg).get("accuracy_after_rl", 0.0))
+        accuracy = float(train(cfg).get("accuracy_after_rl", 0.0))
+    shutdown_world()
+    return accuracy
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
 def _sft(cfg: DictConfig) -> float:
+    from tinyrl.distributed import shutdown_world
     from tinyrl.experiment import train
 
     with _reported("tinyrl-sft"):
-        return float(train(cfg).get("accuracy_after_rl", 0.0))
+        accuracy = float(train(cfg).get("accuracy_after_rl", 0.0))
+    shutdown_world()
+    return accuracy
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

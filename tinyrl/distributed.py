@@ -411,6 +411,16 @@ def _phase_store(timeout: datetime.timedelta):
         return None
 
 
+def shutdown_world() -> None:
+    """Leave torchrun's process group after a run that ended normally. gloo's worker threads must stop while the
+    interpreter is still alive: left to interpreter exit, they can abort the process ("terminate called without an
+    active exception", exit -6) after the run's work is done. A later `init_world` joins again."""
+    global _WORLD
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD = None
+
+
 def init_world(device: str = "auto", timeout_s: float = 1800.0) -> World:
     """The world of this process: torchrun's process group when launched by torchrun, else one process.
 
