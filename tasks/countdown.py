@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar, Sequence, Union
 
-from tinyrl.task import SPLITS, Reward, register_task
+from tinyrl.task import SPLITS, Reward, TooFewProblems, register_task
 
 __all__ = ["Countdown", "solve", "solve_trace", "split_of", "extract_answer", "check_answer", "REASONS"]
 
@@ -698,8 +698,8 @@ class Countdown:
         span = self.max_number - self.min_number + 1
         return sum(math.comb(span + k - 1, k) for k in range(self.min_numbers, self.max_numbers + 1))
 
-    def _too_many(self, split: str, size: int, available: str) -> ValueError:
-        return ValueError(
+    def _too_many(self, split: str, size: int, available: str) -> TooFewProblems:
+        return TooFewProblems(
             f"Countdown.dataset: asked for {size} {split} problems but {available} distinct ones exist with "
             f"{self.min_numbers}-{self.max_numbers} numbers from {self.min_number}..{self.max_number} and targets "
             f"{self.min_target}..{self.max_target}; ask for fewer or widen the ranges"

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tinyrl.task import SPLITS, Reward, register_task
+from tinyrl.task import SPLITS, Reward, TooFewProblems, register_task
 from tinyrl.tasks.countdown import extract_answer
 
 __all__ = ["Multiplication", "check_product", "long_multiplication", "split_of", "REASONS"]
@@ -198,8 +198,8 @@ class Multiplication:
             raise self._too_many(split, size, f"random draws found only {len(rows)}")
         return rows
 
-    def _too_many(self, split: str, size: int, available: str) -> ValueError:
-        return ValueError(
+    def _too_many(self, split: str, size: int, available: str) -> TooFewProblems:
+        return TooFewProblems(
             f"Multiplication.dataset: asked for {size} {split} problems but {available} distinct ones exist with "
             f"{self.a_digits}- and {self.b_digits}-digit factors; ask for fewer or use more digits"
         )

@@ -46,6 +46,7 @@ def _one_line_refusal(result, *expected):
         ("trainer.lr=fast", "trainer.lr: Value 'fast'"),
         ("model.path=./no/such/model", "model.path: no model directory at './no/such/model'"),
         ("algorithm=nope", "choose from"),
+        ("task.train_size=20000", "task.train_size: Countdown.dataset: asked for 20000 train problems but only"),
     ],
 )
 def test_a_bad_config_is_one_line_with_status_2_and_leaves_nothing(tmp_path, override, expected):

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyrl.task import get_task
+from tinyrl.task import TooFewProblems, get_task
 from tinyrl.tasks.countdown import REASONS, Countdown, solve, solve_trace, split_of
 
 CD = Countdown()
@@ -303,7 +303,7 @@ def test_cpu_demo_configuration_has_room():
     val = task.dataset("validation", 256, seed=0)
     assert len({key(r) for r in train}) == 4000 and not {key(r) for r in train} & {key(r) for r in val}
     # This space holds about 12.8k problems, so 20k training problems cannot exist: say so at once.
-    with pytest.raises(ValueError, match=r"asked for 20000 train problems but only \d+ distinct ones exist"):
+    with pytest.raises(TooFewProblems, match=r"asked for 20000 train problems but only \d+ distinct ones exist"):
         task.dataset("train", 20000, seed=0)
 
 

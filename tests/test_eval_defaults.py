@@ -54,3 +54,10 @@ def test_eval_of_a_run_checkpoint_uses_the_runs_settings(tiny_model_dir, tmp_pat
         refused = _tinyrl_eval([f"checkpoint={actor}", key], tmp_path)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert key.split("=")[0] in refused.stderr and instead in refused.stderr and not refused.stdout.strip()
+
+
+def test_asking_for_more_problems_than_the_split_holds_is_one_line_naming_size(tiny_model_dir, tmp_path):
+    refused = _tinyrl_eval([f"checkpoint={tiny_model_dir}", "size=100000"], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinyrl-eval: size: Countdown.dataset: asked for 100000 test"), lines

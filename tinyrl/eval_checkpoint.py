@@ -187,7 +187,7 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
     from tinyrl.models import load_policy
     from tinyrl.prompts import encode_prompts
     from tinyrl.rollout import make_engine
-    from tinyrl.task import RewardScorer, get_task
+    from tinyrl.task import RewardScorer, TooFewProblems, get_task
 
     refuse_training_only_keys(overrides)
     cfg, run_dir = with_run_settings(cfg, overrides)
@@ -195,7 +195,12 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     task = get_task(cfg.task.name, **cfg.task.kwargs)
-    rows = task.dataset(cfg.split, int(cfg.size), int(cfg.task.get("data_seed", 0)))
+    try:
+        rows = task.dataset(cfg.split, int(cfg.size), int(cfg.task.get("data_seed", 0)))
+    except TooFewProblems as err:
+        from tinyrl.config import ConfigError
+
+        raise ConfigError(f"size: {err}") from None
     model, tokenizer = load_policy(cfg.checkpoint, device=device)
     prompt_ids = encode_prompts(task, rows, tokenizer, cfg.template, int(cfg.max_prompt_tokens), cfg.split)
     engine = make_engine("hf", model, tokenizer, batch_size=int(cfg.batch_size))

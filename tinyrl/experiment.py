@@ -49,7 +49,7 @@ from tinyrl.rundir import (
     CONFIG_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
     resumed_config, resuming,
 )
-from tinyrl.task import get_task
+from tinyrl.task import TooFewProblems, get_task
 from tinyrl.trainer import RLTrainer
 
 # How long other ranks wait for work rank 0 does alone (building the tiny model, distillation). If rank 0
@@ -133,9 +133,16 @@ def load_problems(cfg: TrainConfig):
             f"sft.traces_path: task {cfg.task.name!r} has no demonstration() to distil from; pass "
             f"sft.traces_path=traces.jsonl or sft.enabled=false"
         )
-    train_rows = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
-    eval_rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
+    train_rows = _problems(task, "train", cfg.task.train_size, cfg.task.data_seed, "task.train_size")
+    eval_rows = _problems(task, cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed, "task.eval_size")
     return task, train_rows, eval_rows
+
+
+def _problems(task, split: str, size: int, seed: int, size_key: str) -> list[dict]:
+    try:
+        return task.dataset(split, size, seed)
+    except TooFewProblems as err:
+        raise ConfigError(f"{size_key}: {err}") from None
 
 
 def prepare_run(cfg: TrainConfig, world: World, console: Console) -> Run:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 __all__ = [
     "Reward",
     "Task",
+    "TooFewProblems",
     "SPLITS",
     "ENTRY_POINT_GROUP",
     "register_task",
@@ -51,6 +52,11 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 ENTRY_POINT_GROUP = "tinyrl.tasks"  # installed packages register tasks here: `name = "pkg.module:Factory"`
+
+
+class TooFewProblems(ValueError):
+    """Raised by a task's `dataset()` when a split holds fewer distinct problems than were asked for. Callers that
+    took the size from a config key report it as that key's error (a one-line refusal, not a traceback)."""
 
 
 @dataclass(frozen=True)
