@@ -8,7 +8,8 @@ stops early, so both generate close to 64 tokens per completion.
 The reward is the share of digit characters in the completion: it differs between any two different completions, so
 every group has reward variance and neither trainer can skip its update (tinyrl exactly skips rows whose advantage
 is zero; a Countdown reward would be zero for every completion of a random model). Both compute it in-process.
-Reported: mean seconds per step over steps 2..N (step 1 includes warm-up) and tinyrl's seconds per phase.
+Reported: mean seconds per step over steps 2..N (step 1 includes warm-up), tinyrl's seconds per phase, and a floor:
+one bare forward+backward of the model over the rows of tinyrl's last update, which no trainer on this work can skip.
 
 Usage: .venv/bin/python benchmarks/bench_rl_step.py [--steps 6] [--threads 2] [--prompts 64]
 """
@@ -60,6 +61,9 @@ def bench_tinyrl(model_dir: Path, run_dir: Path, task, steps: int, threads: int,
     ])
     custom = DigitShareTask(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)})
     trainer = RLTrainer.from_config(cfg, task=custom)
+    updated = []  # the batch of the latest update, for the floor below
+    update = trainer._update
+    trainer._update = lambda batch, *args, **kwargs: (updated.append(batch), update(batch, *args, **kwargs))[1]
     times, lengths, phases, signal = [], [], [], []
     try:
         for _ in range(steps):
@@ -69,11 +73,28 @@ def bench_tinyrl(model_dir: Path, run_dir: Path, task, steps: int, threads: int,
             lengths.append(metrics["response/length_mean"])
             phases.append({k[5:]: v for k, v in metrics.items() if k.startswith("time/")})
             signal.append(metrics.get("train/rows_with_signal", 1.0))
+        floor = bare_forward_backward(trainer.policy, updated[-1])
     finally:
         trainer.close()
     later = phases[1:] or phases
     mean_phases = {p: sum(ph.get(p, 0.0) for ph in later) / len(later) for p in later[0]}
-    return times, sum(lengths) / len(lengths), mean_phases, min(signal)
+    return times, sum(lengths) / len(lengths), mean_phases, min(signal), floor
+
+
+def bare_forward_backward(model, batch, repeats: int = 3) -> float:
+    """Best seconds of one plain forward and backward pass of `model` over `batch`'s padded rows (the arithmetic any
+    trainer must do to update on these completions), with a scalar loss of the response logits; best of `repeats`."""
+    best = float("inf")
+    model.train()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                    logits_to_keep=batch.response_width + 1)
+        out.logits.logsumexp(-1).sum().backward()
+        best = min(best, time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return best
 
 
 def bench_trl(model_dir: Path, out_dir: Path, task, rows, steps: int, prompts: int) -> tuple[list[float], float]:
@@ -118,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         task, rows = build_model(tmp / "model")
-        ours, our_length, phases, signal = bench_tinyrl(tmp / "model", tmp / "tinyrl_run", task, args.steps,
+        ours, our_length, phases, signal, floor = bench_tinyrl(tmp / "model", tmp / "tinyrl_run", task, args.steps,
                                                         args.threads, args.prompts)
         theirs, their_length = bench_trl(tmp / "model", tmp / "trl_run", task, rows, args.steps, args.prompts)
     import transformers
@@ -136,6 +157,9 @@ def main() -> None:
           f"{', '.join(f'{t:.2f}' for t in theirs)} |")
     print(f"\nratio TRL / tinyrl: {mean(theirs) / mean(ours):.2f}x; tinyrl seconds per phase (steps 2..N): "
           + ", ".join(f"{p} {s:.2f}" for p, s in sorted(phases.items(), key=lambda kv: -kv[1]) if s >= 0.005))
+    print(f"floor: one bare forward+backward of the model over tinyrl's last step's padded rows takes {floor:.2f} s "
+          f"(best of 3); a trainer that also generated in no time could be at most {mean(theirs) / floor:.2f}x faster "
+          f"than TRL's step here")
 
 
 if __name__ == "__main__":
