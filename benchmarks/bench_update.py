@@ -11,8 +11,9 @@ repeat, so a drift in the machine's speed reaches all of them alike; the median 
     python benchmarks/bench_update.py --shape qwen2.5-3b --device cuda --gradient-checkpointing \\
         --modes padded:sdpa packed:sdpa packed:flex_attention packed:flash_attention_2
 
-A mode is `padded:<attention>` or `packed:<attention>` (attention: sdpa, eager, flex_attention, flash_attention_2;
-the model switches kernels in place, so all modes share one set of weights). The ragged batch draws prompt lengths
+A mode is `padded:<attention>`, `shared:<attention>` (padded, each group's prompt run once) or `packed:<attention>`
+(attention: sdpa, eager, flex_attention, flash_attention_2; the model switches kernels in place, so all modes share
+one set of weights). The ragged batch has groups of 8 completions of one prompt, draws prompt lengths
 uniformly in `--prompt-lengths`, response lengths uniformly in `--response-lengths`, and sets a share
 `--clipped` of the responses to the maximum length (completions cut at `max_response_tokens`), as RL batches are.
 
@@ -65,7 +66,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", nargs="+", default=["padded:sdpa", "packed:sdpa"])
+    p.add_argument("--modes", nargs="+", default=["padded:sdpa", "shared:sdpa", "packed:sdpa"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rows", type=int, help="completions in the mini-batch (default: the shape's)")
@@ -80,18 +81,28 @@ def parse_args():
     return p.parse_args()
 
 
+GROUP = 8  # completions per prompt
+# padded rows, each prompt run once per group (the trainer's default on one process), or packed rows
+LAYOUTS = ("padded", "shared", "packed")
+
+
 def unavailable(mode: str, device: torch.device) -> str | None:
     """Why a mode cannot run here, or None."""
     import importlib.util
 
     layout, _, attention = mode.partition(":")
-    if layout not in ("padded", "packed") or attention not in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
-        raise SystemExit(f"--modes: {mode!r} is not padded:<attention> or packed:<attention>")
+    if layout not in LAYOUTS or attention not in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
+        raise SystemExit(f"--modes: {mode!r} is not <{'|'.join(LAYOUTS)}>:<attention>")
     if attention == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
         return "needs a CUDA device and the flash-attn package"
     if attention == "flex_attention" and device.type != "cuda":
         return "flex_attention has no backward pass on the CPU"
     return None
+
+
+def _distinct_prompt_tokens(mb) -> int:
+    prompts = torch.cat([mb.input_ids[:, : mb.prompt_width], mb.attention_mask[:, : mb.prompt_width]], dim=1)
+    return int(torch.unique(prompts, dim=0).shape[0]) * mb.prompt_width
 
 
 def matmul_peak_flops(device: torch.device) -> float:
@@ -119,13 +130,15 @@ def ragged_batch(rows: int, prompt_lengths, response_lengths, clipped: float, vo
     g = torch.Generator().manual_seed(seed)
     prompts, responses = [], []
     for i in range(rows):
-        p = int(torch.randint(prompt_lengths[0], prompt_lengths[1] + 1, (), generator=g))
+        if i % GROUP == 0:  # the completions of a group continue one prompt
+            p = int(torch.randint(prompt_lengths[0], prompt_lengths[1] + 1, (), generator=g))
+            prompt = torch.randint(3, vocab, (p,), generator=g).tolist()
         r = int(torch.randint(response_lengths[0], response_lengths[1] + 1, (), generator=g))
         if torch.rand((), generator=g) < clipped:
             r = response_lengths[1]
-        prompts.append(torch.randint(3, vocab, (p,), generator=g).tolist())
+        prompts.append(prompt)
         responses.append(torch.randint(3, vocab, (r,), generator=g).tolist())
-    batch = build_batch(prompts, responses, [0.0] * rows, [i // 8 for i in range(rows)], pad_id=0)
+    batch = build_batch(prompts, responses, [0.0] * rows, [i // GROUP for i in range(rows)], pad_id=0)
     batch.advantages = torch.randn(batch.response_mask.shape, generator=g) * batch.response_mask
     return batch
 
@@ -193,8 +206,11 @@ def main():
             layout, attention = mode.split(":")
             policy.set_attn_implementation(attention)
             trainer.packed_layout = packing_for([policy]) if layout == "packed" else None
+            trainer.share_prompts = layout == "shared"
             micro, packing = plan_micro_batches(batch, my_rows, budget, trainer.packed_layout)
-            if packing is None:
+            if layout == "shared":  # each distinct prompt once per micro-batch, then every row's response columns
+                fed = sum(_distinct_prompt_tokens(batch.select(m)) + batch.select(m).responses().numel() for m in micro)
+            elif packing is None:
                 fed = sum(batch.select(m).input_ids.numel() for m in micro)
             else:
                 fed = sum(pack_layout(batch.select(m), packing).tokens for m in micro)

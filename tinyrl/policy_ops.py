@@ -1,7 +1,9 @@
 """Forward passes of policy, reference and critic over a `RolloutBatch`, micro-batch by micro-batch.
 
 Each pass takes `packing=None` (padded rows, `RolloutBatch` layout) or a `Packing` from `plan_micro_batches`
-(sequences end to end, see `tinyrl.packing`); both return the same `[n, R]` response layout.
+(sequences end to end, see `tinyrl.packing`); both return the same `[n, R]` response layout. Padded log-prob
+passes may also run each distinct prompt once for all the rows that share it (`share_prompts`): the completions
+of a GRPO group all continue one prompt, so its keys and values are the same in every row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch
 from tinyrl.packing import Packing, pack_layout, plan_micro_batches
+from tinyrl.rollout.kv_decode import cache_argument
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -24,8 +27,16 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def response_logits(model, mb: RolloutBatch) -> torch.Tensor:
-    """Logits `[n, R, V]` that predict each response token (column P + j - 1 predicts response token j)."""
+def response_logits(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
+    """Logits `[n, R, V]` that predict each response token (column P + j - 1 predicts response token j).
+
+    `share_prompts`: run each distinct prompt of `mb` once (see `_logits_sharing_prompts`). The number of forward
+    calls then depends on the rows, so a sharded model (where each call is a collective) must not ask for it.
+    """
+    if share_prompts:
+        logits = _logits_sharing_prompts(model, mb)
+        if logits is not None:
+            return logits
     r = mb.response_width
     out = model(
         input_ids=mb.input_ids,
@@ -37,15 +48,51 @@ def response_logits(model, mb: RolloutBatch) -> torch.Tensor:
     return out.logits[:, :-1, :]
 
 
+def _logits_sharing_prompts(model, mb: RolloutBatch) -> Optional[torch.Tensor]:
+    """`response_logits` computed with one forward pass per distinct prompt, then one over the responses.
+
+    Pass 1 runs the U distinct (left-padded) prompts and keeps their per-layer keys and values; gathering those
+    rows for each of the n sequences gives exactly the cache the full pass would build, so pass 2 (the responses,
+    attending to that cache) yields the same logits. The gather's backward sums the n rows' gradients into the U
+    prompts, so gradients are the same too; prompt tokens cost U/n of the full pass. None (nothing done) when no
+    prompt repeats; None after pass 1 when the model keeps no per-layer cache tensors (e.g. activation
+    checkpointing turns the cache off in training).
+    """
+    p = mb.prompt_width
+    prompt_ids, prompt_mask = mb.input_ids[:, :p], mb.attention_mask[:, :p]
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    rows, count = prompt_ids.shape[0], distinct.shape[0]
+    if count == rows:
+        return None
+    first = torch.full((count,), rows, dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows, device=inverse.device), "amin")  # a row of each prompt
+    positions = mb.position_ids()
+    name = cache_argument(model)
+    prompts = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=positions[first, :p],
+                    use_cache=True, logits_to_keep=1)
+    layers = getattr(prompts.get(name), "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        return None
+    for layer in layers:
+        layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+    responses = model(input_ids=mb.input_ids[:, p:], attention_mask=mb.attention_mask, position_ids=positions[:, p:],
+                      use_cache=True, **{name: prompts[name]})
+    return torch.cat([prompts.logits[inverse, -1:], responses.logits[:, :-1]], dim=1)
+
+
 def token_logprobs(model, mb: RolloutBatch, temperature: float, with_entropy: bool = False,
-                   packing: Optional[Packing] = None):
-    """Per-token log-probs `[n, R]` of the response under `model` at the sampling temperature (and entropy)."""
+                   packing: Optional[Packing] = None, share_prompts: bool = False):
+    """Per-token log-probs `[n, R]` of the response under `model` at the sampling temperature (and entropy).
+
+    `share_prompts` (padded rows only): each distinct prompt runs once, see `response_logits`.
+    """
     if packing is not None:
         layout = pack_layout(mb, packing)
         logits = _packed_logits(model, layout, packing)
         logprobs, entropy = _logprobs_and_entropy(logits, layout.targets, temperature, with_entropy)
         return layout.unpack(logprobs), (layout.unpack(entropy) if entropy is not None else None)
-    return _logprobs_and_entropy(response_logits(model, mb), mb.responses(), temperature, with_entropy)
+    logits = response_logits(model, mb, share_prompts)
+    return _logprobs_and_entropy(logits, mb.responses(), temperature, with_entropy)
 
 
 def _packed_logits(model, layout, packing: Packing) -> torch.Tensor:
@@ -98,14 +145,14 @@ def token_values(critic, mb: RolloutBatch, packing: Optional[Packing] = None) ->
 
 @torch.no_grad()
 def batched_logprobs(model, batch: RolloutBatch, token_budget: int, temperature: float, device, dtype,
-                     layout: Optional[str] = None) -> torch.Tensor:
+                     layout: Optional[str] = None, share_prompts: bool = False) -> torch.Tensor:
     """Log-probs of every response token in `batch` (no gradient), on the CPU, `[N, R]`."""
     result = torch.zeros(batch.size, batch.response_width)
     micro, packing = plan_micro_batches(batch, range(batch.size), token_budget, layout)
     for rows in micro:
         mb = batch.select(rows).to(device)
         with autocast_for(device, dtype):
-            logprobs, _ = token_logprobs(model, mb, temperature, packing=packing)
+            logprobs, _ = token_logprobs(model, mb, temperature, packing=packing, share_prompts=share_prompts)
         result[rows, : mb.response_width] = logprobs.float().cpu()
     return result
 

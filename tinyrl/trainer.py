@@ -123,6 +123,9 @@ class RLTrainer:
         # the micro-batch layout of the log-prob, value and update passes (None: padded)
         models = [m for m in (self.policy, self.reference, self.critic) if m is not None]
         self.packed_layout = layout_for(t.packing, models)
+        # padded passes run each group's prompt once; not under FSDP (every forward call is a collective there,
+        # and ranks must make the same number of them) nor with activation checkpointing (it turns the cache off)
+        self.share_prompts = not (self.packed_layout or self.world.sharded or cfg.model.gradient_checkpointing)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -268,13 +271,13 @@ class RLTrainer:
                     with self.world.gathered(self.policy):
                         batch.old_logprobs = batched_logprobs(
                             self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
-                            self.packed_layout,
+                            self.packed_layout, self.share_prompts,
                         )
         if self.reference is not None:
             with self.timer.phase("ref_logprobs", step), self.world.gathered(self.reference):
                 batch.ref_logprobs = batched_logprobs(
                     self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
-                    self.packed_layout,
+                    self.packed_layout, self.share_prompts,
                 )
         if self.critic is not None:
             with self.timer.phase("values", step), self.world.gathered(self.critic):
@@ -525,7 +528,8 @@ class RLTrainer:
             weight = float(mb.response_mask.sum()) / tokens  # share of the mini-batch's tokens, for token means
             with autocast_for(self.device, self.dtype):
                 logprobs, entropy = token_logprobs(
-                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing
+                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing,
+                    share_prompts=self.share_prompts,
                 )
                 if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
                     # The guard below skips this update (and stops a diverged run); the backward still runs

@@ -8,13 +8,12 @@ and drop finished sequences from the batch as it goes.
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 
 from tinyrl.rollout.base import Completion, SamplingConfig
-from tinyrl.rollout.kv_decode import StaticKVDecoder
+from tinyrl.rollout.kv_decode import StaticKVDecoder, cache_argument
 
 
 class HFEngine:
@@ -180,8 +179,7 @@ class ModelForwardDecoder:
 
     def __init__(self, model):
         self.model = model
-        # transformers 5.24 renamed the cache argument and output field (`past_key_values` -> `cache`)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_argument(model)
         self.cache = None
         self.attention_mask = None
 

@@ -19,11 +19,19 @@ the model's own forward (see `tinyrl.rollout.hf`).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 # Model types whose decoder layer is: input norm, attention (q/k/v/o projections, optional per-head q/k norms,
 # RoPE), residual, post-attention norm, MLP, residual; a final norm and an LM head.
 _LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
+
+
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument of `model.forward` (and of its output field): transformers 5.24 renamed
+    `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
