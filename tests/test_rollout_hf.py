@@ -137,6 +137,22 @@ def test_static_cache_decoder_matches_the_models_own_forward(tiny_model_dir):
                        HFEngine(model, tokenizer, fast_decode=False).generate(prompts, greedy))
 
 
+def test_prefill_runs_each_distinct_prompt_once(tiny_model_dir, monkeypatch):
+    """The n completions of a prompt share its prefill: the first forward sees one row per distinct prompt (the
+    completions themselves are checked against transformers' own forward above)."""
+    from tinyrl.rollout.hf import HFEngine
+    from tinyrl.rollout.kv_decode import StaticKVDecoder
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    widths = []
+    forward = StaticKVDecoder._forward
+    monkeypatch.setattr(StaticKVDecoder, "_forward",
+                        lambda self, ids, *args: (widths.append(tuple(ids.shape)), forward(self, ids, *args))[1])
+    prompts = _prompts(tokenizer)
+    HFEngine(model, tokenizer).generate(prompts, SamplingConfig(max_new_tokens=3, n=4, temperature=1.0, seed=0))
+    assert widths[0] == (len(prompts), max(map(len, prompts))) and widths[1] == (4 * len(prompts), 1)
+
+
 def test_static_cache_decoder_covers_llama_and_qwen3_layers(tiny_model_dir):
     """Llama (no attention bias) and Qwen3 (per-head q/k norms) run through the same decoder, exactly."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM

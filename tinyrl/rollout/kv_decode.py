@@ -79,13 +79,30 @@ class StaticKVDecoder:
         return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run left-padded prompts `[rows, P]`; return the last position's logits `[rows, V]` and the next positions."""
+        """Run left-padded prompts `[rows, P]`; return the last position's logits `[rows, V]` and the next positions.
+
+        Rows that repeat a prompt (the n completions of one prompt) run it once: the distinct prompts' keys and
+        values are computed in the leading cache rows, then copied to every row that continues them.
+        """
         width = input_ids.shape[1]
         self.bias[:, 0, 0, :width].masked_fill_(attention_mask == 0, torch.finfo(torch.float32).min)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         causal = torch.full((width, width), float("-inf"), device=input_ids.device).triu(1)
-        logits = self._forward(input_ids, positions, self.bias[:, :, :, :width] + causal)
-        return logits, positions[:, -1] + 1
+        distinct, inverse = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+        rows, count = input_ids.shape[0], distinct.shape[0]
+        if count == rows:
+            return self._forward(input_ids, positions, self.bias[:, :, :, :width] + causal), positions[:, -1] + 1
+        first = torch.full((count,), rows, dtype=torch.long, device=inverse.device)
+        first.scatter_reduce_(0, inverse, torch.arange(rows, device=inverse.device), "amin")  # a row of each prompt
+        keys, values = self.keys, self.values
+        self.keys, self.values = [k[:count] for k in keys], [v[:count] for v in values]  # the leading rows, as scratch
+        try:
+            logits = self._forward(input_ids[first], positions[first], self.bias[first, :, :, :width] + causal)
+            for full, part in zip(keys + values, self.keys + self.values):
+                full[:, :, :width] = part[inverse, :, :width]  # the index copies before the write
+        finally:
+            self.keys, self.values = keys, values
+        return logits[inverse], positions[:, -1] + 1
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one token per row (`[rows]`) at `positions` (`[rows]`); return the next logits `[rows, V]`."""
