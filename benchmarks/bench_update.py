@@ -101,8 +101,10 @@ def unavailable(mode: str, device: torch.device) -> str | None:
 
 
 def _distinct_prompt_tokens(mb) -> int:
-    prompts = torch.cat([mb.input_ids[:, : mb.prompt_width], mb.attention_mask[:, : mb.prompt_width]], dim=1)
-    return int(torch.unique(prompts, dim=0).shape[0]) * mb.prompt_width
+    from tinyrl.rollout.kv_decode import distinct_rows
+
+    first, _ = distinct_rows(mb.input_ids[:, : mb.prompt_width], mb.attention_mask[:, : mb.prompt_width])
+    return first.shape[0] * mb.prompt_width
 
 
 def matmul_peak_flops(device: torch.device) -> float:

@@ -124,3 +124,20 @@ def test_a_trainer_step_computes_the_same_update_as_without_sharing(tiny_model_d
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     for name, grad in gradients[1].items():
         torch.testing.assert_close(gradients[0][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_sliding_window_model_takes_the_plain_pass(tiny_model_dir):
+    """A sliding-window cache keeps only the window of a prompt, so gathering it would not give the full pass's
+    numbers: such models (and any without full attention in every layer) are not shared."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = load_policy(tiny_model_dir)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    batch = _grouped_batch()
+    shared, calls = _forward_batch_sizes(model, lambda: token_logprobs(model, batch, 1.0, share_prompts=True))
+    assert calls == [batch.size]
+    torch.testing.assert_close(shared[0], token_logprobs(model, batch, 1.0)[0])

@@ -17,7 +17,7 @@ import torch
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch
 from tinyrl.packing import Packing, pack_layout, plan_micro_batches
-from tinyrl.rollout.kv_decode import cache_argument
+from tinyrl.rollout.kv_decode import StaticKVDecoder, cache_argument, distinct_rows
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -55,23 +55,21 @@ def _logits_sharing_prompts(model, mb: RolloutBatch) -> Optional[torch.Tensor]:
     rows for each of the n sequences gives exactly the cache the full pass would build, so pass 2 (the responses,
     attending to that cache) yields the same logits. The gather's backward sums the n rows' gradients into the U
     prompts, so gradients are the same too; prompt tokens cost U/n of the full pass. None (nothing done) when no
-    prompt repeats; None after pass 1 when the model keeps no per-layer cache tensors (e.g. activation
-    checkpointing turns the cache off in training).
+    prompt repeats or the model is not a Llama-family model with full attention in every layer (a sliding window
+    would keep only part of the prompt's cache); None after pass 1 when the model keeps no plain per-layer cache
+    tensors (e.g. activation checkpointing turns the cache off in training).
     """
     p = mb.prompt_width
     prompt_ids, prompt_mask = mb.input_ids[:, :p], mb.attention_mask[:, :p]
-    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    rows, count = prompt_ids.shape[0], distinct.shape[0]
-    if count == rows:
+    first, inverse = distinct_rows(prompt_ids, prompt_mask)
+    if first.shape[0] == prompt_ids.shape[0] or not StaticKVDecoder.supports(model):
         return None
-    first = torch.full((count,), rows, dtype=torch.long, device=inverse.device)
-    first.scatter_reduce_(0, inverse, torch.arange(rows, device=inverse.device), "amin")  # a row of each prompt
     positions = mb.position_ids()
     name = cache_argument(model)
     prompts = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=positions[first, :p],
                     use_cache=True, logits_to_keep=1)
     layers = getattr(prompts.get(name), "layers", None)
-    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
         return None
     for layer in layers:
         layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]

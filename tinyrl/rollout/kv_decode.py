@@ -34,6 +34,17 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows given by `columns` laid side by side (e.g. prompt ids and their mask): `first`, one row index per
+    distinct row (its first occurrence), and `inverse`, for every row the position of its row in `first`; so
+    `x[first][inverse]` equals `x` for any tensor `x` whose rows are equal wherever the columns' rows are."""
+    _, inverse = torch.unique(torch.cat(columns, dim=1), dim=0, return_inverse=True)
+    rows = inverse.shape[0]
+    first = torch.full((int(inverse.max()) + 1 if rows else 0,), rows, dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows, device=inverse.device), "amin")
+    return first, inverse
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -88,12 +99,10 @@ class StaticKVDecoder:
         self.bias[:, 0, 0, :width].masked_fill_(attention_mask == 0, torch.finfo(torch.float32).min)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         causal = torch.full((width, width), float("-inf"), device=input_ids.device).triu(1)
-        distinct, inverse = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
-        rows, count = input_ids.shape[0], distinct.shape[0]
-        if count == rows:
+        first, inverse = distinct_rows(input_ids, attention_mask)
+        count = first.shape[0]
+        if count == input_ids.shape[0]:
             return self._forward(input_ids, positions, self.bias[:, :, :, :width] + causal), positions[:, -1] + 1
-        first = torch.full((count,), rows, dtype=torch.long, device=inverse.device)
-        first.scatter_reduce_(0, inverse, torch.arange(rows, device=inverse.device), "amin")  # a row of each prompt
         keys, values = self.keys, self.values
         self.keys, self.values = [k[:count] for k in keys], [v[:count] for v in values]  # the leading rows, as scratch
         try:
