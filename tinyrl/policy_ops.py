@@ -72,10 +72,12 @@ def _logits_sharing_prompts(model, mb: RolloutBatch) -> Optional[torch.Tensor]:
     if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
         return None
     for layer in layers:
-        layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+        # index_select, not x[inverse]: its backward (index_add_) sums the rows in a fixed order on the CPU, where
+        # advanced indexing's backward (index_put_ with accumulate) can differ from run to run with threads
+        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
     responses = model(input_ids=mb.input_ids[:, p:], attention_mask=mb.attention_mask, position_ids=positions[:, p:],
                       use_cache=True, **{name: prompts[name]})
-    return torch.cat([prompts.logits[inverse, -1:], responses.logits[:, :-1]], dim=1)
+    return torch.cat([prompts.logits[:, -1:].index_select(0, inverse), responses.logits[:, :-1]], dim=1)
 
 
 def token_logprobs(model, mb: RolloutBatch, temperature: float, with_entropy: bool = False,
