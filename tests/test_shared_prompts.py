@@ -141,3 +141,31 @@ def test_a_sliding_window_model_takes_the_plain_pass(tiny_model_dir):
     shared, calls = _forward_batch_sizes(model, lambda: token_logprobs(model, batch, 1.0, share_prompts=True))
     assert calls == [batch.size]
     torch.testing.assert_close(shared[0], token_logprobs(model, batch, 1.0)[0])
+
+
+def test_two_identical_runs_with_shared_prompts_end_with_identical_weights(tiny_model_dir, tmp_path):
+    """Run-to-run reproducibility (what exact resume rests on) with two threads, the default's: the gradients that
+    the shared prompt's gather sends back must be summed in the same order every time."""
+    overrides = [
+        f"model.path={tiny_model_dir}", "task=custom", f"task.name={LEARNABLE_TASK}", "task.train_size=128",
+        "task.eval_size=4", "task.reward_workers=0", "sft.enabled=false", "algorithm=grpo", "algorithm.kl_coef=0",
+        "rollout.n=8", "rollout.max_response_tokens=24", "trainer.prompts_per_step=32",
+        "trainer.prompts_per_mini_batch=32", "trainer.lr=1e-3", "trainer.samples_every=0", "logging.progress=false",
+        "logging.plot=false",
+    ]
+    weights = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for run in range(2):
+            trainer = RLTrainer.from_config(load_config(overrides), run_dir=tmp_path / str(run))
+            assert trainer.share_prompts
+            try:
+                for _ in range(3):
+                    trainer.step()
+            finally:
+                trainer.close()
+            weights.append(torch.cat([p.detach().flatten() for p in trainer.policy.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(weights[0], weights[1]), (weights[0] - weights[1]).abs().max()
