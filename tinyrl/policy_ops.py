@@ -59,10 +59,12 @@ def _logits_sharing_prompts(model, mb: RolloutBatch) -> Optional[torch.Tensor]:
     would keep only part of the prompt's cache); None after pass 1 when the model keeps no plain per-layer cache
     tensors (e.g. activation checkpointing turns the cache off in training).
     """
+    if not StaticKVDecoder.supports(model):
+        return None
     p = mb.prompt_width
     prompt_ids, prompt_mask = mb.input_ids[:, :p], mb.attention_mask[:, :p]
     first, inverse = distinct_rows(prompt_ids, prompt_mask)
-    if first.shape[0] == prompt_ids.shape[0] or not StaticKVDecoder.supports(model):
+    if first.shape[0] == prompt_ids.shape[0]:
         return None
     positions = mb.position_ids()
     name = cache_argument(model)
