@@ -29,13 +29,19 @@ RETRY = re.compile(r" is not -?\d|Want -?\d+: no\.")
 CLAIM = re.compile(r"Try (.*?)\. (?:That is|Want) (-?\d+)(?:: yes)?\.")
 
 
+def _exact(a: str, op: str, b: str) -> Fraction | None:
+    """`a op b` exactly, for operands as written ("7", "(-3)", "7/2"); None for a division by zero."""
+    x, y = Fraction(a.strip("()")), Fraction(b.strip("()"))
+    if op == "/" and y == 0:
+        return None
+    return {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op]
+
+
 def arithmetic_is_right(completion: str) -> bool:
     """True when every `a op b = c` written in the <think> part holds exactly."""
     for a, op, b, c in STEP.findall(completion.split("</think>")[0]):
-        x, y, z = (Fraction(v.strip("()")) for v in (a, b, c))
-        if op == "/" and y == 0:
-            return False
-        if {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op] != z:
+        value = _exact(a, op, b)
+        if value is None or value != Fraction(c):
             return False
     return True
 
@@ -43,12 +49,9 @@ def arithmetic_is_right(completion: str) -> bool:
 def true_result(text: str) -> str | None:
     """The exact value of the `a op b =` that `text` ends with ("7", "-3", "7/2"), or None."""
     m = PENDING.search(text)
-    if not m:
+    v = _exact(m[1], m[2], m[3]) if m else None
+    if v is None:
         return None
-    a, op, b = Fraction(m[1].strip("()")), m[2], Fraction(m[3].strip("()"))
-    if op == "/" and b == 0:
-        return None
-    v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
     return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
 
 
@@ -63,6 +66,7 @@ def calculator_answers(model, tokenizer, prompts: list[list[int]], max_new_token
     """
     from tinyrl.rollout.kv_decode import cache_argument
 
+    model.eval()
     cache = cache_argument(model)  # the keyword (and output field) under which this transformers passes the cache
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # tokens that would lengthen a result just written (`=23` then `4`): not allowed right after one
@@ -94,8 +98,8 @@ def calculator_answers(model, tokenizer, prompts: list[list[int]], max_new_token
                     token = forced[i].pop(0)
                     after_result[i] = not forced[i]
                 elif after_result[i]:
-                    width = min(logits.shape[-1], continues_number.shape[0])
-                    token = int(logits[i, :width].masked_fill(continues_number[:width], float("-inf")).argmax())
+                    vocab = min(logits.shape[-1], continues_number.shape[0])
+                    token = int(logits[i, :vocab].masked_fill(continues_number[:vocab], float("-inf")).argmax())
                     after_result[i] = False
                 else:
                     token = chosen[i]
@@ -155,7 +159,6 @@ def main() -> None:
         prompts = encode_prompts(task, rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens, path)
         answers = make_engine("hf", model, tokenizer).generate(prompts, greedy)
         correct = [task.reward(a.text, row).correct for a, row in zip(answers, rows)]
-        model.eval()
         calculated = calculator_answers(model, tokenizer, prompts, cfg.rollout.max_response_tokens, tuple(task.stop))
         with_calculator = [task.reward(text, row).correct for text, row in zip(calculated, rows)]
         retry = [bool(RETRY.search(a.text)) for a in answers]
