@@ -383,6 +383,51 @@ def solve_trace(numbers: Sequence[int], target: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Calculator: the environment writes each step's result and each attempt's verdict
+# ----------------------------------------------------------------------------------------------------------------
+
+_NUM = r"\(?(-?\d{1,12}(?:/\d{1,12})?)\)?"
+_STEP_ASKED = re.compile(_NUM + r"([-+*/])" + _NUM + r"=$")  # "13+10=": the policy asks for a result
+_ATTEMPT_ENDED = re.compile(r"=(-?\d{1,24}(?:/\d{1,24})?)\.$")  # "..., 23-6=17.": the last result, then "."
+_PROMPT_TARGET = re.compile(r"(?:to make|equals) (-?\d+)")
+
+
+@dataclass(frozen=True)
+class CountdownCalculator:
+    """Countdown's environment inside a completion (`tinyrl.rollout.Feedback`): the exact result after every
+    "a op b =" the policy writes, and after an attempt's closing "." the verdict against the target, in the
+    teacher's words (" That is 17.\n" or " 29 is not 17.\n"). The policy chooses the attempts and the answer; the
+    calculator only computes and compares, like a tool call whose result comes back into the context.
+    """
+
+    check: str = "sentence"
+    triggers: ClassVar[str] = "=."
+
+    def __call__(self, prompt: str, text: str) -> str | None:
+        try:
+            return self._words(prompt, text[-64:])
+        except ZeroDivisionError:  # a written operand or result such as "3/0"
+            return None
+
+    def _words(self, prompt: str, tail: str) -> str | None:
+        if tail.endswith("="):
+            asked = _STEP_ASKED.search(tail)
+            if asked is None:
+                return None
+            a, op, b = Fraction(asked.group(1)), asked.group(2), Fraction(asked.group(3))
+            value = _apply(op, _norm(a), _norm(b))
+            return None if value is None else _show(value, False)
+        ended = _ATTEMPT_ENDED.search(tail)
+        targets = _PROMPT_TARGET.findall(prompt)
+        if ended is None or not targets:
+            return None
+        target, value = int(targets[-1]), _norm(Fraction(ended.group(1)))
+        miss, hit = _CHECKS[self.check]
+        verdict = hit.format(target=target) if value == target else miss.format(value=value, target=target)
+        return f" {verdict}\n"  # the newline too: the teacher's traces hold ".\n" as one token
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Verifier
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -612,6 +657,7 @@ class Countdown:
     # chance that the next attempt is the solution does not grow with the attempts already made)
     trace_miss_chance: float | None = None
     trace_check: str = "sentence"  # sentence: "29 is not 17." / "That is 17."; target: "Want 17: no." / "... yes."
+    calculator: bool = False  # the environment writes each step's result and each attempt's verdict (rollouts, eval)
 
     def __post_init__(self) -> None:
         def need_int(arg: str, low: int, high: int) -> None:
@@ -633,6 +679,8 @@ class Countdown:
             raise ValueError(f"Countdown: trace_miss_chance must be null or a number in [0, 1), got {chance!r}")
         if self.trace_check not in _CHECKS:
             raise ValueError(f"Countdown: trace_check must be one of {sorted(_CHECKS)}, got {self.trace_check!r}")
+        if not isinstance(self.calculator, bool):
+            raise ValueError(f"Countdown: calculator must be true or false, got {self.calculator!r}")
         if self.prompt_style not in ("prose", "compact"):
             raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
         if not isinstance(self.use_all_numbers, bool):
@@ -802,6 +850,11 @@ class Countdown:
         score = self.correct_score if correct else self.format_score
         parts = {"correct": score if correct else 0.0, "format": 0.0 if correct else score}  # they add up to score
         return Reward(score, correct, True, {"reason": reason, "answer": answer.strip()}, parts)
+
+    @property
+    def feedback(self) -> CountdownCalculator | None:
+        """The calculator when `calculator` is on: rollout engines write its words into completions."""
+        return CountdownCalculator(self.trace_check) if self.calculator else None
 
     # -- teacher ------------------------------------------------------------------------------------------------
 

@@ -37,3 +37,18 @@ class HalfConstantTask(DigitTask):
         if row["id"] % 2 == 0:
             return Reward(score=0.5, correct=False, formatted=True, info={})
         return Reward(score=(sum(map(ord, completion)) % 997) / 997, correct=False, formatted=True, info={})
+
+
+class _Echo:
+    """Writes "77" into the completion after every third policy token (counted over the whole completion)."""
+
+    triggers = "".join(chr(c) for c in range(32, 127)) + "\n"
+
+    def __call__(self, prompt: str, text: str):
+        return "77" if len(text) % 3 == 0 and not text.endswith("77") else None
+
+
+class DigitTaskWithEnvironment(DigitTask):
+    """DigitTask whose environment writes digits into completions: those tokens must never enter the loss."""
+
+    feedback = _Echo()

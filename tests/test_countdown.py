@@ -596,3 +596,45 @@ def test_fuzz_mutated_solutions():
         check_verdict(f"<think>ok</think>\n<answer>{mutated}</answer>", row)
 
     run_counted(run, 500)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calculator: the environment's words inside completions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_calculator_writes_exact_results_and_the_teachers_verdicts():
+    calc = Countdown(calculator=True, prompt_style="compact").feedback
+    prompt = Countdown(prompt_style="compact").prompt({"numbers": [6, 13, 10], "target": 17})
+    assert calc(prompt, "\nTry 13+10=") == "23"
+    assert calc(prompt, "\nTry 13+10=23, 23-6=") == "17"
+    assert calc(prompt, "\nTry 13+10=23, 23-6=17.") == " That is 17.\n"
+    assert calc(prompt, "\nTry 13+10=23, 23+6=29.") == " 29 is not 17.\n"
+    assert calc(prompt, "Try 7/2=") == "7/2" and calc(prompt, "Try 6-(7/2)=") == "5/2" and calc(prompt, "1-9=") == "-8"
+    checked = Countdown(calculator=True, trace_check="target").feedback
+    assert checked(Countdown().prompt({"numbers": [6, 13, 10], "target": 17}), "Try 13+10=23, 23-6=17.") == " Want 17: yes.\n"
+    # the words are the teacher's: a trace written through the calculator is the trace itself
+    row = {"numbers": [6, 13, 10], "target": 17}
+    demo = Countdown(prompt_style="compact", trace_misses=1).demonstration(row)
+    rebuilt, fired = "", 0
+    for ch in demo:
+        rebuilt += ch
+        if ch in calc.triggers and (words := calc(prompt, rebuilt)):
+            assert demo[len(rebuilt):].startswith(words)
+            fired += 1
+    assert fired == 3 * demo.count("Try")  # two results and a verdict per attempt
+
+
+@pytest.mark.parametrize("text", ["x=", "Try =", "Try 3/0=", "Try (5/0)+1=", "Try 1+2=3/0.", "=.", "", "Try 12.",
+                                  "Try 1+2=3." * 50, "9" * 200 + "*" + "9" * 200 + "="])
+def test_calculator_ignores_what_it_cannot_read(text):
+    calc = Countdown(calculator=True).feedback
+    prompt = Countdown().prompt({"numbers": [1, 2, 3], "target": 6})
+    words = calc(prompt, text)
+    assert words is None or words in (" 3 is not 6.\n", " That is 6.\n") or words.lstrip("-").isdigit()
+
+
+def test_calculator_is_off_unless_asked():
+    assert Countdown().feedback is None
+    with pytest.raises(ValueError, match="calculator"):
+        Countdown(calculator="yes")

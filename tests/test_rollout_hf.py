@@ -194,3 +194,55 @@ def test_generation_raises_no_deprecation_warnings(tiny_model_dir, recwarn):
         hf_logger.removeHandler(handler)
     assert not [w for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not [r for r in records if "deprecat" in r.getMessage().lower()]
+
+
+class _Marker:
+    """An environment that writes `words` once, after the first policy token holding one of `triggers`."""
+
+    def __init__(self, words: str, triggers: str):
+        self.words, self.triggers, self.calls = words, triggers, []
+
+    def __call__(self, prompt: str, text: str):
+        self.calls.append((prompt, text))
+        return None if self.words in text else self.words
+
+
+def test_environment_words_are_written_between_policy_tokens_and_listed(tiny_model_dir):
+    """Tokens the environment writes (`SamplingConfig.feedback`) enter the sequence as if sampled: the policy's
+    next tokens are conditioned on them (checked against a full forward pass over the finished sequence), their
+    positions are listed, their log-probs are 0, and the decode stays exact across cache compaction."""
+    from tinyrl.rollout.hf import HFEngine
+
+    model, tokenizer = load_policy(tiny_model_dir)
+    prompts = _prompts(tokenizer)
+    every_char = "".join(sorted({ch for i in range(len(tokenizer)) for ch in tokenizer.decode([i])}))
+    words = "12+5=17"
+    written = tokenizer.encode(words, add_special_tokens=False)
+    for compact_below in (1.0, 0.0):
+        marker = _Marker(words, every_char)
+        engine = HFEngine(model, tokenizer, compact_below=compact_below)
+        greedy = engine.generate(prompts, SamplingConfig(max_new_tokens=16, temperature=0.0, stop=("=",), feedback=marker))
+        for c in greedy:
+            assert c.environment_positions == list(range(1, 1 + len(written)))
+            assert c.token_ids[1 : 1 + len(written)] == written and words in c.text
+            assert all(c.logprobs[t] == 0.0 for t in c.environment_positions)
+            ids = torch.tensor([prompts[c.prompt_index] + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0]
+            p = len(prompts[c.prompt_index])
+            policy_steps = [t for t in range(len(c.token_ids)) if t not in c.environment_positions]
+            assert len(policy_steps) > 1  # the policy wrote after the environment did
+            assert all(int(logits[p - 1 + t].argmax()) == c.token_ids[t] for t in policy_steps)
+        # the environment is asked with the decoded prompt and the completion so far, once per completion here
+        assert {prompt for prompt, _ in marker.calls} == {tokenizer.decode(p, skip_special_tokens=True) for p in prompts}
+    plain = HFEngine(model, tokenizer).generate(prompts, SamplingConfig(max_new_tokens=16, temperature=0.0))
+    assert all(c.environment_positions == [] for c in plain)
+
+
+def test_build_batch_keeps_environment_tokens_out_of_the_loss():
+    from tinyrl.batch import build_batch
+
+    batch = build_batch([[1, 2], [3]], [[4, 5, 6, 7], [8, 9]], [1.0, 0.0], [0, 0], 0, [[0.0] * 4, [0.0] * 2],
+                        environment_positions=[[1, 2], []])
+    assert batch.response_mask.tolist() == [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    assert batch.attention_mask[0, batch.prompt_width :].tolist() == [1, 1, 1, 1]  # still attended to

@@ -209,3 +209,28 @@ def test_custom_task_file_trains_end_to_end(tiny_model_dir, tmp_path):
     assert summary["rl_steps"] == 1 and summary["sft_steps"] == 5
     samples = (tmp_path / "letters" / "samples.jsonl").read_text()
     assert "Sort" in samples or "sort" in samples or "letters" in samples
+
+
+def test_environment_tokens_stay_out_of_the_loss(tiny_model_dir, tmp_path):
+    """A task's environment (`feedback`) writes into the rollouts; the assembled batch masks exactly those tokens,
+    the log-probs of the policy's own tokens still match a fresh pass, and the run trains to the end."""
+    from tinyrl.policy_ops import batched_logprobs
+
+    task = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTaskWithEnvironment"
+    cfg = _config(tiny_model_dir, tmp_path / "env", f"task.name={task}", "rollout.max_response_tokens=12")
+    trainer = RLTrainer.from_config(cfg)
+    try:
+        groups, _ = trainer._collect_groups(step=1)
+        batch = trainer._assemble(groups)
+        completions = [c for g in groups for c, _ in g.members]
+        recomputed = batched_logprobs(trainer.policy, batch, 10_000, 1.0, trainer.device, trainer.dtype)
+    finally:
+        trainer.close()
+    assert sum(len(c.environment_positions) for c in completions) > 0
+    for row, c in enumerate(completions):
+        expected = [0.0 if t in c.environment_positions else 1.0 for t in range(len(c.token_ids))]
+        assert batch.response_mask[row, : len(c.token_ids)].tolist() == expected
+    torch.testing.assert_close(batch.rollout_logprobs * batch.response_mask, recomputed * batch.response_mask,
+                               atol=1e-4, rtol=0)
+    summary = train(_config(tiny_model_dir, tmp_path / "env_run", f"task.name={task}", "rollout.max_response_tokens=12"))
+    assert summary["rl_steps"] == 2

@@ -80,8 +80,10 @@ def build_batch(
     group_index: Sequence[int],
     pad_id: int,
     rollout_logprobs: Sequence[Sequence[float]] | None = None,
+    environment_positions: Sequence[Sequence[int]] | None = None,
 ) -> RolloutBatch:
-    """Pack prompts (left-padded) and responses (right-padded) into one `RolloutBatch`."""
+    """Pack prompts (left-padded) and responses (right-padded) into one `RolloutBatch`; response tokens at
+    `environment_positions` (written by the task's environment, not sampled) stay out of the loss."""
     n = len(prompt_ids)
     if not (len(response_ids) == len(scores) == len(group_index) == n):
         raise ValueError("build_batch: prompt_ids, response_ids, scores and group_index must have the same length")
@@ -98,10 +100,14 @@ def build_batch(
             attention_mask[i, p : p + len(response)] = 1
             if logprobs is not None:
                 logprobs[i, : len(response)] = torch.as_tensor(rollout_logprobs[i], dtype=torch.float32)
+    response_mask = attention_mask[:, p:].float()
+    for i, positions in enumerate(environment_positions or ()):
+        if len(positions):
+            response_mask[i, torch.as_tensor(list(positions), dtype=torch.long)] = 0.0
     return RolloutBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        response_mask=attention_mask[:, p:].float(),
+        response_mask=response_mask,
         prompt_width=p,
         group_index=torch.as_tensor(list(group_index), dtype=torch.long),
         scores=torch.as_tensor(list(scores), dtype=torch.float32),

@@ -54,7 +54,8 @@ def sample_eval(
     the samples the whole set would (see `SamplingConfig.prompt_offset`).
     """
     stop = tuple(getattr(task, "stop", ()))
-    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    feedback = getattr(task, "feedback", None)
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, feedback=feedback)
     completions = call_with_timeout(engine.generate, timeout_s, "evaluation", prompt_ids, greedy)
     rewards = scorer.score([c.text for c in completions], list(rows), [c.token_ids for c in completions])
     sampled = None
@@ -62,6 +63,7 @@ def sample_eval(
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens, n=pass_k, temperature=max(temperature, 1e-5), top_p=top_p, stop=stop,
             seed=int(np.random.default_rng([seed, step, 99]).integers(0, 2**62)), prompt_offset=prompt_offset,
+            feedback=feedback,
         )
         many = call_with_timeout(engine.generate, timeout_s, "evaluation sampling", prompt_ids, sampling)
         many_rewards = scorer.score(

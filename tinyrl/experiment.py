@@ -133,6 +133,11 @@ def load_problems(cfg: TrainConfig):
             f"sft.traces_path: task {cfg.task.name!r} has no demonstration() to distil from; pass "
             f"sft.traces_path=traces.jsonl or sft.enabled=false"
         )
+    if getattr(task, "feedback", None) is not None and cfg.rollout.engine != "hf":
+        raise ConfigError(
+            f"rollout.engine: task {cfg.task.name!r} writes into its completions (an environment such as a "
+            f"calculator), which only the hf engine supports; pass rollout=hf or turn the environment off"
+        )
     train_rows = _problems(task, "train", cfg.task.train_size, cfg.task.data_seed, "task.train_size")
     eval_rows = _problems(task, cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed, "task.eval_size")
     return task, train_rows, eval_rows

@@ -382,6 +382,7 @@ class RLTrainer:
             stop=tuple(getattr(self.task, "stop", ())),
             seed=seed,
             prompt_offset=prompt_offset,
+            feedback=getattr(self.task, "feedback", None),
         )
         return call_with_timeout(self.engine.generate, r.timeout_s, "rollout generation", prompts, sampling)
 
@@ -423,7 +424,7 @@ class RLTrainer:
         return score
 
     def _assemble(self, groups: list[Group]) -> RolloutBatch:
-        prompt_ids, response_ids, scores, group_index, rollout_logprobs, truncated = [], [], [], [], [], []
+        prompt_ids, response_ids, scores, group_index, rollout_logprobs, truncated, written = [], [], [], [], [], [], []
         for group in groups:
             for (completion, _), score in zip(group.members, group.shaped):
                 prompt_ids.append(self.train_prompts[group.index])
@@ -432,7 +433,8 @@ class RLTrainer:
                 group_index.append(group.id)
                 rollout_logprobs.append(completion.logprobs or [0.0] * len(completion.token_ids))
                 truncated.append(completion.finish_reason == "length")
-        batch = build_batch(prompt_ids, response_ids, scores, group_index, self.pad_id, rollout_logprobs)
+                written.append(completion.environment_positions)
+        batch = build_batch(prompt_ids, response_ids, scores, group_index, self.pad_id, rollout_logprobs, written)
         if self.cfg.algorithm.overlong == "mask":
             # DAPO overlong filtering: truncated completions carry no learning signal
             batch.response_mask[torch.tensor(truncated, dtype=torch.bool)] = 0.0

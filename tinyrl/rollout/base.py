@@ -10,6 +10,20 @@ if TYPE_CHECKING:
     import torch
 
 
+class Feedback(Protocol):
+    """The environment's words inside a completion (a calculator, a checker), written between the policy's tokens.
+
+    After the policy samples a token that holds one of the characters in `triggers`, the engine calls
+    `feedback(prompt_text, completion_text)`; the text it returns (None: nothing) is tokenized and written as the
+    completion's next tokens. Those tokens are the environment's, not the policy's choices: the completion lists
+    their positions (`Completion.environment_positions`) and they are kept out of the loss.
+    """
+
+    triggers: str
+
+    def __call__(self, prompt: str, text: str) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int
@@ -22,6 +36,7 @@ class SamplingConfig:
     # Prompt i of this call counts as prompt prompt_offset + i in those seeds, so a share of a larger batch
     # (one rank's prompts) samples exactly what the whole batch would.
     prompt_offset: int = 0
+    feedback: Feedback | None = None  # the task's environment, if it writes into completions (HFEngine only)
 
 
 @dataclass
@@ -32,6 +47,7 @@ class Completion:
     logprobs: list[float] | None  # log-prob of each response token under the sampling distribution
     finish_reason: str  # "stop" (EOS or stop string) | "length" (max_new_tokens reached)
     info: dict = field(default_factory=dict)
+    environment_positions: list[int] = field(default_factory=list)  # tokens the environment wrote (`Feedback`)
 
 
 class RolloutEngine(Protocol):

@@ -105,24 +105,47 @@ class HFEngine:
         stop_ends = {s[-1] for s in sampling.stop if s}
         tail_tokens = max((len(s) for s in sampling.stop), default=0)
 
+        feedback = sampling.feedback
+        triggers = set(feedback.triggers) if feedback is not None else set()
+        pending: list[list[int]] = [[] for _ in range(batch)]  # environment tokens still to write, per completion
+        environment: list[list[int]] = [[] for _ in range(batch)]
+        prompt_texts: dict[int, str] = {}
+
         decoder = self._decoder(batch, width + sampling.max_new_tokens)
         logits, positions = decoder.prefill(input_ids, attention_mask)
         for step in range(sampling.max_new_tokens):
             draws = uniforms[cache_index, step] if uniforms is not None else None
             chosen, chosen_logprobs = self._sample(logits.float(), sampling, draws)
+            written = []  # (cache row, environment token) replacing what was sampled there
             for r, (row, tok, logprob) in enumerate(zip(cache_rows, chosen.tolist(), chosen_logprobs.tolist())):
                 if row is None:
                     continue
+                forced = bool(pending[row])
+                if forced:
+                    tok, logprob = pending[row].pop(0), 0.0
+                    environment[row].append(len(tokens[row]))
+                    written.append((r, tok))
+                elif triggers and any(c in self._piece(tok) for c in triggers):
+                    if row not in prompt_texts:
+                        prompt_texts[row] = self.tokenizer.decode(prompts[row], skip_special_tokens=True)
+                    text = self.tokenizer.decode(tokens[row] + [tok], skip_special_tokens=True)
+                    words = feedback(prompt_texts[row], text)
+                    if words:
+                        pending[row] = self.tokenizer.encode(words, add_special_tokens=False)
                 tokens[row].append(tok)
                 logprobs[row].append(logprob)
                 done = tok in self.eos_ids
-                if not done and stop_ends and any(c in self._piece(tok) for c in stop_ends):
+                if not done and not forced and stop_ends and any(c in self._piece(tok) for c in stop_ends):
                     recent = "".join(self._piece(t) for t in tokens[row][-tail_tokens:])
                     done = any(s in recent for s in sampling.stop)
                 if done:
                     finish[row] = "stop"
                     cache_rows[r] = None
                     live -= 1
+            if written:
+                chosen = chosen.clone()
+                for r, tok in written:
+                    chosen[r] = tok
             if live == 0 or step == sampling.max_new_tokens - 1:
                 break
             if live <= self.compact_below * len(cache_rows):
@@ -137,7 +160,8 @@ class HFEngine:
         completions = []
         for row, (i, j) in enumerate(requests):
             text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-            completions.append(Completion(i, tokens[row], text, logprobs[row], finish[row], {"sample_index": j}))
+            completions.append(Completion(i, tokens[row], text, logprobs[row], finish[row], {"sample_index": j},
+                                          environment[row]))
         return completions
 
     @staticmethod

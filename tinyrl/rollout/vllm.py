@@ -288,6 +288,9 @@ class VLLMEngine:
     @_on_engine_thread
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
         self._check_usable()
+        if sampling.feedback is not None:
+            raise ValueError(f"{type(self).__name__}: an environment writing into completions "
+                             "(SamplingConfig.feedback) needs the hf engine")
         if self._weights_discarded:
             raise RuntimeError("VLLMEngine: sleep(level=2) discarded the weights; load_weights before generating")
         self._wake(["weights", "kv_cache"])

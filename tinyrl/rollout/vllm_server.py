@@ -223,6 +223,9 @@ class VLLMServerEngine:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
         self._check_usable()
+        if sampling.feedback is not None:
+            raise ValueError(f"{type(self).__name__}: an environment writing into completions "
+                             "(SamplingConfig.feedback) needs the hf engine")
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
 
