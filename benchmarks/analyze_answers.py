@@ -148,7 +148,9 @@ def main() -> None:
     torch.set_num_threads(cfg.threads)
     task = get_task(cfg.task.name, **cfg.task.kwargs)
     rows = task.dataset(cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed)
-    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_response_tokens, temperature=0.0, stop=tuple(task.stop))
+    # with `task.kwargs.calculator=true` the answers are the task's own (its calculator writes into them)
+    greedy = SamplingConfig(max_new_tokens=cfg.rollout.max_response_tokens, temperature=0.0, stop=tuple(task.stop),
+                            feedback=getattr(task, "feedback", None))
     print(f"# {len(rows)} {cfg.task.eval_split} problems, greedy, up to {cfg.rollout.max_response_tokens} tokens\n")
     print("| model | accuracy | answers with a retry | accuracy with a retry | accuracy without | "
           "wrong: false arithmetic | wrong: true arithmetic, false claim | wrong: other | mean tokens | "
