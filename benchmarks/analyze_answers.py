@@ -47,12 +47,11 @@ def arithmetic_is_right(completion: str) -> bool:
 
 
 def true_result(text: str) -> str | None:
-    """The exact value of the `a op b =` that `text` ends with ("7", "-3", "7/2"), or None."""
-    m = PENDING.search(text)
-    v = _exact(m[1], m[2], m[3]) if m else None
-    if v is None:
-        return None
-    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+    """The exact value of the `a op b =` that `text` ends with ("7", "-3", "7/2"), or None: Countdown's own
+    calculator (`task.kwargs.calculator`) computes it."""
+    from tinyrl.tasks.countdown import CountdownCalculator
+
+    return CountdownCalculator.result(text)
 
 
 @torch.no_grad()

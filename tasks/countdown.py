@@ -404,19 +404,28 @@ class CountdownCalculator:
     triggers: ClassVar[str] = "=."
 
     def __call__(self, prompt: str, text: str) -> str | None:
+        if text.endswith("="):
+            return self.result(text)
         try:
-            return self._words(prompt, text[-64:])
-        except ZeroDivisionError:  # a written operand or result such as "3/0"
+            return self._verdict(prompt, text[-64:])
+        except ZeroDivisionError:  # a written result such as "3/0"
             return None
 
-    def _words(self, prompt: str, tail: str) -> str | None:
-        if tail.endswith("="):
-            asked = _STEP_ASKED.search(tail)
-            if asked is None:
-                return None
+    @staticmethod
+    def result(text: str) -> str | None:
+        """The exact value of the `a op b =` that `text` ends with ("23", "-2", "7/2"), or None (no such step,
+        or a division by zero)."""
+        asked = _STEP_ASKED.search(text[-64:])
+        if asked is None:
+            return None
+        try:
             a, op, b = Fraction(asked.group(1)), asked.group(2), Fraction(asked.group(3))
-            value = _apply(op, _norm(a), _norm(b))
-            return None if value is None else _show(value, False)
+        except ZeroDivisionError:  # a written operand such as "(5/0)"
+            return None
+        value = _apply(op, _norm(a), _norm(b))
+        return None if value is None else _show(value, False)
+
+    def _verdict(self, prompt: str, tail: str) -> str | None:
         ended = _ATTEMPT_ENDED.search(tail)
         targets = _PROMPT_TARGET.findall(prompt)
         if ended is None or not targets:
