@@ -38,6 +38,24 @@ def resolve_attn_implementation(name: str, device: torch.device) -> Optional[str
     return name
 
 
+def visible_devices(server_devices: str, parent_visible: str | None) -> str:
+    """`rollout.server_devices` as the server's CUDA_VISIBLE_DEVICES. Its entries are GPU indices as this process
+    numbers them (the trainer's `device=cuda:1` counts the same way), so under a parent CUDA_VISIBLE_DEVICES=2,3
+    the server's "0" is the machine's GPU 2."""
+    wanted = [d.strip() for d in str(server_devices).split(",") if d.strip()]
+    if not wanted or not all(d.isdigit() for d in wanted):
+        raise ValueError(f"rollout.server_devices: comma-separated GPU indices such as '0' or '0,1', "
+                         f"got {server_devices!r}")
+    if parent_visible is None:
+        return ",".join(wanted)
+    visible = [d.strip() for d in parent_visible.split(",") if d.strip()]
+    outside = [d for d in wanted if int(d) >= len(visible)]
+    if outside:
+        raise ValueError(f"rollout.server_devices: GPU {outside[0]} is not among the {len(visible)} GPUs this "
+                         f"process sees (CUDA_VISIBLE_DEVICES={parent_visible!r})")
+    return ",".join(visible[int(d)] for d in wanted)
+
+
 # CUDA keeps one current device per host thread, and a new thread starts on device 0. Code that builds streams or
 # communicators on "the current device" (vLLM's NCCL weight transfer, TRL's client) therefore needs the right one
 # made current in whichever thread runs it.

@@ -222,6 +222,8 @@ class World:
         """
         from torch.distributed.tensor import DTensor
 
+        from tinyrl.models import tied_aliases
+
         devices.synchronize(self.device)
         aliases = tied_aliases(model)
         for name, tensor in model.state_dict().items():
@@ -380,18 +382,6 @@ def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-
-
-def tied_aliases(model) -> set[str]:
-    """Names of parameters that are another name's tensor (a tied `lm_head.weight`): every name of a shared
-    parameter but the first in module order."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.add(id(param))
-    return aliases
 
 
 def check_sharded(model, size: int) -> None:

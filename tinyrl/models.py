@@ -44,6 +44,7 @@ __all__ = [
     "float32_master_weights",
     "load_critic",
     "load_policy",
+    "tied_aliases",
     "train_tokenizer",
 ]
 
@@ -331,6 +332,18 @@ def float32_master_weights(model: PreTrainedModel | None) -> PreTrainedModel | N
     if model is not None and any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model.to(torch.float32)
     return model
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied `lm_head.weight`): every name of a shared
+    parameter but the first in module order."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
 
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
