@@ -17,7 +17,7 @@ process of its own and prints PASS, FAIL or SKIP with its figures:
   level 1, 2 and 1. After each sync the engine samples and the trainer scores the same tokens: vLLM's log-probs
   must be close to the new weights' and much closer than to the weights before the step (a stale or half-loaded
   engine would match those). Also the memory a sleeping engine frees and what it keeps.
-- server-nccl (2 GPUs): the server layout, the server on GPU 0 and the trainer on GPU 1, weights over NCCL, two
+- server (2 GPUs): the server layout, the server on GPU 0 and the trainer on GPU 1, weights over NCCL, two
   syncs, each checked like the above. On the CPU the same case runs with `weight_sync=disk`.
 - torchrun-colocated (2 GPUs): two torchrun ranks with one vLLM engine each, two syncs, checked on every rank.
 - vllm-tp2 (2 GPUs): one training process, its vLLM engine split over two GPUs (`rollout.tensor_parallel_size=2`;
@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-CASES = ("master-weights", "vllm-colocated", "server-nccl", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip")
+CASES = ("master-weights", "vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip")
 TORCHRUN_CASES = ("torchrun-colocated", "cpu-offload-clip")
-VLLM_CASES = ("vllm-colocated", "server-nccl", "torchrun-colocated", "vllm-tp2")
+VLLM_CASES = ("vllm-colocated", "server", "torchrun-colocated", "vllm-tp2")
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
               num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6)
@@ -368,7 +368,7 @@ def rank_cpu_offload_clip(args) -> dict:
 
 
 CASE_FUNCTIONS = {"master-weights": case_master_weights, "vllm-colocated": case_vllm_colocated,
-                  "server-nccl": case_server, "torchrun-colocated": rank_torchrun_colocated, "vllm-tp2": case_vllm_tp2,
+                  "server": case_server, "torchrun-colocated": rank_torchrun_colocated, "vllm-tp2": case_vllm_tp2,
                   "cpu-offload-clip": rank_cpu_offload_clip}
 
 
@@ -381,7 +381,7 @@ def skip_reason(case: str, cpu: bool, gpus: int, has_vllm: bool) -> str | None:
                 "vllm-tp2": "GPU only: tensor parallelism over 2 GPUs"}.get(case)
     if gpus < 1:
         return "no CUDA GPU (run with --cpu for the CPU version)"
-    if case in ("server-nccl", "torchrun-colocated", "vllm-tp2") and gpus < 2:
+    if case in ("server", "torchrun-colocated", "vllm-tp2") and gpus < 2:
         return f"needs 2 GPUs, this machine has {gpus}"
     return None
 

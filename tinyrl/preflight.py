@@ -110,9 +110,20 @@ def check_engine_placement(cfg: TrainConfig) -> None:
     layout with NCCL weight sync, the server and the trainer must be on different GPUs (NCCL refuses two ranks of
     one group on one GPU), and `server_devices` names GPUs as this process numbers them."""
     r = cfg.rollout
-    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) > 1 or not cfg.device.startswith("cuda"):
+    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
-    index = int(cfg.device.partition(":")[2] or 0)  # `cuda` alone is the current device: the first
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    nccl = r.layout == "server" and r.weight_sync == "nccl"
+    if nccl and not device.startswith("cuda"):
+        raise ConfigError(f"rollout.weight_sync: nccl broadcasts the weights from the trainer's GPU, and the trainer "
+                          f"runs on {device}; use rollout.weight_sync=disk")
+    if not device.startswith("cuda"):
+        return
+    index = int(device.partition(":")[2] or 0)  # `cuda` alone is the current device: the first
     if r.layout == "colocated" and index != 0:
         raise ConfigError(f"device: a colocated vLLM engine in one process always runs on the first visible GPU, "
                           f"not {cfg.device}; select the GPU with CUDA_VISIBLE_DEVICES={index} and device=cuda")
@@ -124,7 +135,7 @@ def check_engine_placement(cfg: TrainConfig) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         shared = str(index) in [d.strip() for d in r.server_devices.split(",")]
-        if shared and r.weight_sync == "nccl":
+        if shared and nccl:
             raise ConfigError(f"rollout.server_devices: the server ({r.server_devices!r}) and the trainer "
                               f"(device={cfg.device}) share GPU {index}, and NCCL weight sync needs them on "
                               f"different GPUs; give the trainer another GPU, or use rollout.weight_sync=disk")
