@@ -146,6 +146,21 @@ def test_server_devices_are_indices_as_this_process_numbers_its_gpus():
     assert "VLLM_HOST_IP" not in server_env(None, {}, same_machine=False)
 
 
+def test_the_cpus_small_kv_cache_never_reaches_a_gpu_run():
+    """vLLM sizes its KV cache from kv_cache_memory_bytes when given, ignoring gpu_memory_utilization: the CPU's
+    256 MiB default must not reach a GPU engine."""
+    from tinyrl.rollout import engine_options
+    from tinyrl.rollout.vllm import CPU_KV_CACHE_BYTES, llm_options
+
+    options = engine_options(load_config(["rollout=vllm"]).rollout, dtype="bfloat16", seed=0)
+    assert options["kv_cache_memory_bytes"] is None
+    engine = {k: v for k, v in options.items() if k not in ("layout", "sleep_level")}
+    gpu, cpu = llm_options(engine, on_cpu=False), llm_options(engine, on_cpu=True)
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.5
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 256 << 20 and not cpu["enable_chunked_prefill"]
+    assert llm_options({**engine, "kv_cache_memory_bytes": 1 << 30}, on_cpu=True)["kv_cache_memory_bytes"] == 1 << 30
+
+
 def _vllm_config(*overrides):
     return load_config(["rollout=vllm", *overrides])
 

@@ -109,6 +109,18 @@ def completion_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return hash((int(seed), prompt_index, sample_index)) & (2**62 - 1)
 
 
+def llm_options(options: dict, *, on_cpu: bool) -> dict:
+    """`vllm.LLM` keyword arguments from the engine's options (None: vLLM's default), per platform. On the CPU:
+    no chunked prefill (a seeded request split across scheduler steps kills the CPU engine, see the module
+    docstring), no sleep mode (the CPU backend has none; sleep() only warns), and a small KV cache unless one is
+    given (`CPU_KV_CACHE_BYTES`; on a GPU a null size follows gpu_memory_utilization)."""
+    out = {k: v for k, v in options.items() if v is not None}
+    if on_cpu:
+        out.update(enable_chunked_prefill=False, enable_sleep_mode=False)
+        out.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    return out
+
+
 def sampling_params(sampling: SamplingConfig, seed: int | None):
     """vLLM `SamplingParams` for one completion of `sampling` (stop strings kept in the text, as in HFEngine)."""
     from vllm import SamplingParams
@@ -224,12 +236,7 @@ class VLLMEngine:
         with isolated_rng():
             from vllm import LLM
 
-            options = {k: v for k, v in self._options.items() if v is not None}
-            if self._platform_is_cpu():
-                # a seeded request split across scheduler steps kills the CPU engine (see the module docstring)
-                options["enable_chunked_prefill"] = False
-                options["enable_sleep_mode"] = False  # vLLM's CPU backend has none (sleep() only warns)
-                options.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+            options = llm_options(self._options, on_cpu=self._platform_is_cpu())
             return LLM(
                 path,
                 tokenizer=path,
