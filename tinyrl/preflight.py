@@ -45,6 +45,7 @@ def preflight(cfg: TrainConfig) -> None:
         check_model_available(key, source)
     check_fits_device(cfg)
     check_engine_fits_launch(cfg)
+    check_engine_placement(cfg)
 
 
 def check_optional_components(cfg: TrainConfig) -> None:
@@ -64,7 +65,7 @@ def check_model_available(key: str, source: str | None) -> None:
     if reason is not None:
         raise ConfigError(
             f"{key}: {source!r} is not in the local Hugging Face cache and {reason}; pass {key}=/path/to/a/local "
-            f"copy of the model, or download it first where the hub is reachable (huggingface-cli download {source})"
+            f"copy of the model, or download it first where the hub is reachable (hf download {source})"
         )
 
 
@@ -85,11 +86,14 @@ def check_fits_device(cfg: TrainConfig) -> None:
     )
 
 
-def check_engine_fits_launch(cfg: TrainConfig) -> None:
+def check_engine_fits_launch(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Under torchrun each training rank generates its own share of the prompts with its own colocated vLLM
-    engine; a server, or tensor parallelism that would need the same prompts on several ranks, is refused."""
+    engine; a server, or tensor parallelism that would need the same prompts on several ranks, is refused.
+    `world_size` defaults to torchrun's (`WORLD_SIZE`; 1 without torchrun)."""
     r = cfg.rollout
-    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if r.engine != "vllm" or world_size <= 1:
         return
     if r.layout == "server":
         raise ConfigError("rollout.layout: a vLLM server takes the weights of one training process; under torchrun "
@@ -97,6 +101,44 @@ def check_engine_fits_launch(cfg: TrainConfig) -> None:
     if r.tensor_parallel_size != 1:
         raise ConfigError(f"rollout.tensor_parallel_size: under torchrun each rank runs its own vLLM engine on its "
                           f"own GPU, so it must be 1, got {r.tensor_parallel_size}")
+
+
+def check_engine_placement(cfg: TrainConfig) -> None:
+    """A vLLM engine must sample on the GPU the config means it to (one process; torchrun places engines itself).
+
+    Colocated, vLLM's in-process engine always takes the first visible GPU, whatever `device` says. In the server
+    layout with NCCL weight sync, the server and the trainer must be on different GPUs (NCCL refuses two ranks of
+    one group on one GPU), and `server_devices` names GPUs as this process numbers them."""
+    r = cfg.rollout
+    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    nccl = r.layout == "server" and r.weight_sync == "nccl"
+    if nccl and not device.startswith("cuda"):
+        raise ConfigError(f"rollout.weight_sync: nccl broadcasts the weights from the trainer's GPU, and the trainer "
+                          f"runs on {device}; use rollout.weight_sync=disk")
+    if not device.startswith("cuda"):
+        return
+    index = int(device.partition(":")[2] or 0)  # `cuda` alone is the current device: the first
+    if r.layout == "colocated" and index != 0:
+        raise ConfigError(f"device: a colocated vLLM engine in one process always runs on the first visible GPU, "
+                          f"not {cfg.device}; select the GPU with CUDA_VISIBLE_DEVICES={index} and device=cuda")
+    if r.layout == "server" and r.server_url is None and r.server_devices is not None:
+        from tinyrl.devices import visible_devices
+
+        try:
+            visible_devices(r.server_devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        shared = str(index) in [d.strip() for d in r.server_devices.split(",")]
+        if shared and nccl:
+            raise ConfigError(f"rollout.server_devices: the server ({r.server_devices!r}) and the trainer "
+                              f"(device={cfg.device}) share GPU {index}, and NCCL weight sync needs them on "
+                              f"different GPUs; give the trainer another GPU, or use rollout.weight_sync=disk")
 
 
 def estimated_parameters(source: str) -> int | None:

@@ -102,6 +102,9 @@ class RLTrainer:
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
         self.world.check_cpu_offload(cfg.distributed.cpu_offload)
+        from tinyrl.models import float32_master_weights  # trained models hold float32, whatever their checkpoint
+
+        policy, critic = float32_master_weights(policy), float32_master_weights(critic)
         # built before sharding: a vLLM engine starts from the full weights (under torchrun each rank starts its
         # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
         # `shard` changes in place
@@ -388,7 +391,8 @@ class RLTrainer:
 
     def _sync_weights(self, step: int) -> None:
         """Make the engine sample from the updated policy: nothing to copy when it samples from the policy itself,
-        else the full weights as `(hf_name, tensor)` pairs, gathered one tensor at a time. If that load fails the
+        else the full weights in the compute dtype as `(hf_name, tensor)` pairs, gathered one tensor at a time
+        (after the device's queued updates finish: `World.full_weights`). If that load fails the
         engine is rebuilt from the current weights once, else the run stops here (the phase timer adds the step
         and phase to the message)."""
         timeout = self.cfg.rollout.timeout_s
@@ -397,7 +401,7 @@ class RLTrainer:
             return
         try:
             call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync",
-                              self.world.full_weights(self.policy))
+                              self.world.full_weights(self.policy, dtype=self.dtype))
         except Exception as err:
             # after a timeout the load may still be running: rebuilding under it is unsafe
             if isinstance(err, TimeoutError) or not hasattr(self.engine, "rebuild"):
@@ -407,7 +411,7 @@ class RLTrainer:
                         step, err)
             try:
                 call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild",
-                                  self.world.full_weights(self.policy))
+                                  self.world.full_weights(self.policy, dtype=self.dtype))
             except Exception as again:
                 raise RuntimeError(f"rollout weight sync failed ({err}) and rebuilding the engine failed too "
                                    f"({type(again).__name__}: {again}); the run stops here (resume from the last "
