@@ -63,6 +63,11 @@ def needs_missing_column(completions, answer_text, **kwargs):
     return [1.0 for _ in answer_text]
 
 
+def divides_by_zero(completions, **kwargs):
+    """Broken on every completion."""
+    return [len(c) / 0 for c in completions]
+
+
 # -- veRL style: one sample per call ----------------------------------------------------------------------------
 
 
