@@ -24,3 +24,11 @@ def prime_math_score(data_source, solution_str, ground_truth, extra_info=None):
 def verl_default_score(data_source, solution_str, ground_truth, extra_info=None):
     """veRL's dispatch by data source (numina_* rows go to prime_math)."""
     return default_compute_score(data_source, solution_str, ground_truth, extra_info)
+
+
+_SCORERS = {"math_verify": math_verify_score, "prime_math": prime_math_score, "default": verl_default_score}
+
+
+def by_name(data_source, solution_str, ground_truth, extra_info=None):
+    """The scorer the row's extra_info names: one task, and one set of workers, for all three."""
+    return _SCORERS[extra_info["scorer"]](data_source, solution_str, ground_truth, extra_info)
