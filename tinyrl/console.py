@@ -55,7 +55,7 @@ def held_out_line(when: str, result: Mapping[str, Any]) -> str:
     return f"held-out accuracy {when}: {result['accuracy']:.3f} on {result['n_problems']} problems (greedy{extra})"
 
 
-NO_ACCURACY = "the rewards do not say whether an answer is right"
+NO_ACCURACY = "no reward that ran says whether an answer is right"
 
 
 def _figure(value: float | None) -> str:

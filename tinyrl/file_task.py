@@ -97,6 +97,11 @@ def read_split_files(files: Mapping[str, str | None], split_key: str | None) -> 
     return out
 
 
+def _verifier_key(key: str | None) -> str:
+    """The file task's setting behind a verifier task's: its name is `verifier`, its arguments `verifier_kwargs`."""
+    return f"kwargs.verifier_{key}" if key and key.startswith("kwargs.") else "kwargs.verifier"
+
+
 @register_task("file")
 class FileTask:
     """Problems from parquet/JSONL files (veRL schema or plain columns), scored by TRL or veRL reward code.
@@ -192,7 +197,7 @@ class FileTask:
             try:
                 return {None: get_task(verifier, **dict(verifier_kwargs or {}))}
             except TaskError as err:
-                err.key = "kwargs.verifier" if err.key == "name" else f"kwargs.verifier_{err.key}"
+                err.key = _verifier_key(err.key)
                 raise
         scorers: dict[str | None, Any] = {}
         for rows in self._splits.values():
@@ -204,7 +209,7 @@ class FileTask:
                     scorers[source] = get_task(source, **dict(verifier_kwargs or {}))
                 except TaskError as err:
                     if err.key != "name":
-                        err.key = f"kwargs.verifier_{err.key}"
+                        err.key = _verifier_key(err.key)
                         raise
                     raise TaskError(
                         f"{path}: row {i}: column {self.data_source_key!r} is {source!r}, which names no tinyrl "
@@ -240,6 +245,8 @@ class FileTask:
 
     def _check_rows(self) -> None:
         needs_answer = self.answer_key is not None and not isinstance(self._scorer, TRLRewards)
+        if isinstance(self._scorer, VerlComputeScore):  # by its signature: a scorer without ground_truth needs none
+            needs_answer = needs_answer and "ground_truth" in self._scorer.arguments
         needed = self._scorer.needed_columns() if isinstance(self._scorer, TRLRewards) else {}
         for function, columns in needed.items():
             passed_otherwise = sorted(set(columns) & {self.prompt_key, "prompt", "completion"})

@@ -233,6 +233,11 @@ class VerlComputeScore:
         self.name = function_name(self.functions.load()[0])
         self._accepts = self._accepted(self.functions.load()[0])
 
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Which of veRL's arguments (data_source, solution_str, ground_truth, extra_info) the function takes."""
+        return self._accepts
+
     @classmethod
     def _accepted(cls, fn: Callable[..., Any]) -> tuple[str, ...]:
         try:

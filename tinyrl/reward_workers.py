@@ -80,7 +80,8 @@ class _Watchdog:
         with self.wake:
             _ALARM_ARMED[0] = True
             self.deadline = time.monotonic() + self.timeout
-            self.wake.notify()
+            if self.timeout < 1.0:  # otherwise the thread, awake at least once a second, sees it in time
+                self.wake.notify()
 
     def disarm(self) -> None:
         _ALARM_ARMED[0] = False
@@ -161,8 +162,9 @@ def _end_worker(code: int) -> None:
     """End every process this worker started (those in its process group too, orphans included), then itself,
     without running exit handlers that could wait on them."""
     me = os.getpid()
+    leads_group = os.getpgid(0) == me  # never the trainer's group, should the worker not have its own
     for _ in range(3):  # a process may start another between the look and the kill
-        doomed = set(process_tree.descendants(me)) | set(process_tree.group_members(os.getpgid(0)))
+        doomed = set(process_tree.descendants(me)) | set(process_tree.group_members(me) if leads_group else ())
         doomed.discard(me)
         if not doomed:
             break
@@ -459,10 +461,10 @@ class _Worker:
         pid = self.process.pid
         alive = self.process.is_alive()
         doomed = process_tree.descendants(pid) if alive else []
-        try:
-            leads_group = self.ready or (alive and os.getpgid(pid) == pid)
+        try:  # a worker says it is ready only once it leads its own process group
+            leads_group = os.getpgid(pid) == pid if alive else self.ready
         except OSError:
-            leads_group = False
+            leads_group = self.ready
         if leads_group:  # never the trainer's own group: a worker killed before it called setsid is not in one
             try:
                 os.killpg(pid, signal.SIGKILL)
