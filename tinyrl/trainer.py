@@ -450,10 +450,10 @@ class RLTrainer:
         return batch
 
     def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch,
-                    scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and returns of this rank's rows, estimated over the rows of all ranks together, so that
         estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would.
-        `scored` is False for rows whose reward does not apply."""
+        `scored` (default: every row) is False for rows whose reward does not apply."""
         a = self.cfg.algorithm
         parts = self.world.all_gather((rewards, batch.response_mask, batch.group_index, batch.values, scored))
         width = max(part[1].shape[1] for part in parts)
