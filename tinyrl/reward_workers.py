@@ -352,6 +352,10 @@ def _worker_main(conn, task_bytes: bytes, modules: list[tuple[str, str]], progre
     if _TIMEOUT_SIGNAL is not None and hasattr(signal, "pthread_kill"):
         watchdog = _Watchdog(limits["timeout"])
     cpu_s = limits["cpu_s"] if sys.platform != "win32" else 0
+    # Processes a reward started (a pool that outlives the sample) inherit the worker's RLIMIT_CPU, which counts their
+    # own CPU time from 0 and never moves: they get cpu_s more CPU seconds at each look, which comes at every chunk
+    # and at least every cpu_s / 2 seconds (a look costs ~0.1 ms, so not at every sample).
+    look_every = min(1.0, cpu_s / 2)
     conn.send(("ready", output.take() if output is not None else []))
     while True:
         try:
@@ -360,14 +364,16 @@ def _worker_main(conn, task_bytes: bytes, modules: list[tuple[str, str]], progre
             chunk = None
         if chunk is None:
             _end_worker(0)
-        out, retire = [], False
+        out, retire, looked = [], False, -math.inf
         for i, (completion, row, ids) in enumerate(chunk):
             progress[0] = i
-            progress[1] = time.monotonic()
+            progress[1] = now = time.monotonic()
             if cpu_s:
                 _limit_cpu(cpu_s)
-                for pid in process_tree.descendants(os.getpid()):  # each process it started gets as much again
-                    process_tree.allow_cpu(pid, cpu_s)
+                if now - looked >= look_every:
+                    looked = now
+                    for pid in process_tree.descendants(os.getpid()):
+                        process_tree.allow_cpu(pid, cpu_s)
             r = _score_one(task, completion, row, ids, watchdog)
             printed = output.take() if output is not None else []
             if printed:
