@@ -114,6 +114,8 @@ BAD_TASKS = {  # case: (overrides given the data files, what the one line says)
     "an argument to a task that takes none": (lambda d: ["task=custom", f"task.name={DIGITS}:DigitTask",
                                                          "+task.kwargs.size=3"],
                                               "got unknown argument(s) size; it takes no arguments"),
+    "a value the task refuses": (lambda d: ["task.kwargs.max_numbers=9"],
+                                 "task.kwargs.max_numbers: Countdown: max_numbers must be an integer in [3, 6], got 9"),
     "a misspelled argument without +": (lambda d: ["task.kwargs.min_numbrs=2"],
                                         "task.kwargs.min_numbrs: task 'countdown' got unknown argument(s) min_numbrs "
                                         "(did you mean min_numbers?)"),

@@ -409,7 +409,8 @@ def _import_module(module_name: str, spec: str, what: str, key: str | None):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and not module_name.startswith(exc.name) and not exc.name.startswith(module_name):
+        missing = exc.name or module_name
+        if not (f"{module_name}.".startswith(f"{missing}.") or missing.startswith(f"{module_name}.")):
             raise  # the module exists but something it imports does not: its own traceback says where
         raise TaskError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})", key=key) from exc
 
