@@ -37,7 +37,7 @@ from tinyrl.rundir import default_run_dir
 from tinyrl.sampler import PromptSampler
 from tinyrl.reward_report import RewardErrorLog, component_metrics
 from tinyrl.reward_workers import RewardScorer
-from tinyrl.task import complete_task, get_task
+from tinyrl.task import complete_task, get_task, reward_rates
 
 log = logging.getLogger("tinyrl")
 
@@ -288,14 +288,15 @@ class RLTrainer:
                     self.critic, batch, t.micro_batch_tokens, self.device, self.dtype, self.packed_layout
                 )
 
-        # 7. advantages
+        # 7. advantages (a reward that does not apply is NaN: left out of the statistics, zero advantage)
         with self.timer.phase("advantages", step):
-            rewards = batch.scores
+            scored = ~torch.isnan(batch.scores)
+            rewards = torch.where(scored, batch.scores, 0.0)
             if a.kl_in_reward and batch.ref_logprobs is not None:
                 # token-level rewards: -beta * KL(pi_old || pi_ref) on every token, the outcome on the last one
                 sampler_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
                 rewards = algorithms.kl_shaped_rewards(
-                    batch.scores, sampler_logprobs, batch.ref_logprobs, batch.response_mask, a.kl_coef, a.kl_estimator
+                    rewards, sampler_logprobs, batch.ref_logprobs, batch.response_mask, a.kl_coef, a.kl_estimator
                 )
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
@@ -303,7 +304,7 @@ class RLTrainer:
                 mask = batch.response_mask > 0
                 tokens = self.world.sum(float(mask.sum()))
                 metrics["policy/kl_in_reward"] = self.world.sum(float(kl[mask].sum())) / max(tokens, 1.0)
-            batch.advantages, batch.returns = self._advantages(rewards, batch)
+            batch.advantages, batch.returns = self._advantages(rewards, batch, scored)
 
         # 8. update
         with self.timer.phase("update", step):
@@ -355,7 +356,8 @@ class RLTrainer:
                         members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
                         scored.extend((index, c, r) for c, r in members)
                         shaped = [self._shaped_score(c, r) for c, r in members]
-                        if a.dynamic_sampling and max(shaped) - min(shaped) < 1e-9:
+                        applying = [x for x in shaped if not math.isnan(x)]
+                        if a.dynamic_sampling and (len(applying) < 2 or max(applying) - min(applying) < 1e-9):
                             continue
                         found.append((index, members, shaped))
                         kept += 1
@@ -451,11 +453,13 @@ class RLTrainer:
         batch.response_mask.zero_()
         return batch
 
-    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch,
+                    scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and returns of this rank's rows, estimated over the rows of all ranks together, so that
-        estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would."""
+        estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would.
+        `scored` (default: every row) is False for rows whose reward does not apply."""
         a = self.cfg.algorithm
-        parts = self.world.all_gather((rewards, batch.response_mask, batch.group_index, batch.values))
+        parts = self.world.all_gather((rewards, batch.response_mask, batch.group_index, batch.values, scored))
         width = max(part[1].shape[1] for part in parts)
 
         def joined(i):
@@ -465,7 +469,7 @@ class RLTrainer:
 
         advantages, returns = algorithms.compute_advantages(
             a.advantage, joined(0), joined(1), group_index=joined(2), values=joined(3), gamma=a.gamma, lam=a.lam,
-            norm_by_std=a.norm_by_std,
+            norm_by_std=a.norm_by_std, scored=joined(4),
         )
         first = sum(part[1].shape[0] for part in parts[: self.world.rank])
         rows, cols = slice(first, first + batch.size), slice(0, batch.response_width)
@@ -704,11 +708,14 @@ class RLTrainer:
         """Reward and length figures over every rank's completions of this step (`outcomes`)."""
         rewards = [r for r, _, _ in outcomes]
         lengths = [length for _, length, _ in outcomes]
-        metrics["reward/mean"] = float(np.mean([r.score for r in rewards]))
-        metrics["reward/accuracy"] = float(np.mean([r.correct for r in rewards]))
-        metrics["reward/format_rate"] = float(np.mean([r.formatted for r in rewards]))
-        metrics["reward/formatted_but_wrong"] = float(np.mean([r.formatted and not r.correct for r in rewards]))
+        # figures the rewards cannot speak for (accuracy without a correctness signal) are left out, not made up
+        rates = reward_rates(rewards)
+        for name, key in (("mean", "mean_reward"), ("accuracy", "accuracy"), ("format_rate", "format_rate"),
+                          ("formatted_but_wrong", "formatted_but_wrong"), ("not_applicable", "not_applicable")):
+            if rates[key] is not None:
+                metrics[f"reward/{name}"] = float(rates[key])
         metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+        metrics["reward/printed_errors"] = float(sum(bool(r.info.get("printed")) for r in rewards))
         metrics.update(component_metrics(rewards, reserved=metrics))
         metrics["response/length_mean"] = float(np.mean(lengths))
         metrics["response/length_max"] = float(np.max(lengths))
@@ -833,8 +840,8 @@ class RLTrainer:
                     metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
                     self.metrics.write(step, metrics)
                     if progress is not None:
-                        progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
-                                               "train acc": metrics.get("reward/accuracy", 0.0)})
+                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy")}
+                        progress.update(step, {k: v for k, v in shown.items() if v is not None})
                         if held_out is not None:
                             progress.note(held_out_line(f"at RL step {step}", held_out))
                     # every rank stops at the same step, whichever received the signal
