@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tinyrl.batch import build_batch
+from tinyrl.compose import load_config
 from tinyrl.policy_ops import token_logprobs
 from tinyrl.prompts import encode_prompts, render_prompt, template_line
 from tinyrl.rollout import SamplingConfig
@@ -86,7 +87,8 @@ def test_chat_prompts_through_encode_prompts(smollm2):
     # the console says which template and which system prompt the template adds of its own
     assert SYSTEM in template_line(task, rows[0], tokenizer, "chat")
     assert "auto" in template_line(task, rows[0], tokenizer, "auto")
-    assert "model.template=chat" in template_line(task, rows[0], tokenizer, "base")
+    assert "chat template is left unused" in template_line(task, rows[0], tokenizer, "base")
+    assert load_config(["model.template=auto"]).model.template == "auto"  # a value the config accepts
     with pytest.raises(ValueError, match="rollout.max_prompt_tokens"):
         encode_prompts(task, rows, tokenizer, "chat", 20, "training")
 
@@ -144,8 +146,6 @@ def test_every_end_token_and_stop_string_ends_a_completion(smollm2, greedy):
 
 
 def _config(model_dir, run_dir, *extra):
-    from tinyrl.compose import load_config
-
     return load_config([
         f"model.path={model_dir}", f"run_dir={run_dir}", "model.template=chat", "task=custom", f"task.name={TASK}",
         "task.train_size=16", "task.eval_size=2", "task.reward_workers=0", "sft.enabled=false", "rollout.n=2",
@@ -217,8 +217,12 @@ def test_resume_after_sigkill_is_exact_and_tinyrl_eval_measures_what_the_run_mea
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(_train_args(smollm2_dir, straight), env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_train_args(smollm2_dir, straight, "logging.progress=true"), env=env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the console names the template and the system prompt SmolLM2's chat template adds on its own
+    assert f"prompts: the tokenizer's chat template (model.template=chat), which adds the system prompt {SYSTEM!r}" \
+        in done.stdout
 
     proc = subprocess.Popen(_train_args(smollm2_dir, killed), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

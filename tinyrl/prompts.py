@@ -80,10 +80,8 @@ def template_line(task, row: dict, tokenizer, template: str) -> str:
     template adds on its own, or that a base run leaves the tokenizer's chat template unused."""
     used = resolve_template(template, tokenizer)
     if used == "base":
-        line = f"prompts: the task's own text (model.template={template})"
-        if getattr(tokenizer, "chat_template", None):
-            line += "; the tokenizer also has a chat template, which model.template=chat (or auto) would use"
-        return line
+        unused = "; the tokenizer's chat template is left unused" if getattr(tokenizer, "chat_template", None) else ""
+        return f"prompts: the task's own text (model.template={template}{unused})"
     why = ": the tokenizer has one" if template == "auto" else ""
     line = f"prompts: the tokenizer's chat template (model.template={template}{why})"
     messages = task.messages(row)
