@@ -24,7 +24,7 @@ temperature 1: tinyrl's transformers engine, `model.generate` (one call of 64 ro
 (`--part logprobs`): `batched_logprobs` over the transformers engine's 64 completions, tokens/s.
 
 Usage: .venv/bin/python benchmarks/bench_smollm2.py [--steps 3] [--prompts 4] [--parts step-tinyrl step-trl ...]
-        [--vllm-python .venv-vllm/bin/python] [--threads 2]
+        [--vllm-python .venv-vllm/bin/python] [--threads 2] [--micro-batch-tokens 16384] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_tinyrl(model_dir: str, steps: int, prompts: int, threads: int) -> dict:
+def step_tinyrl(model_dir: str, steps: int, prompts: int, threads: int, micro_batch_tokens: int) -> dict:
     import tempfile
 
     from tinyrl.compose import load_config
@@ -97,6 +97,7 @@ def step_tinyrl(model_dir: str, steps: int, prompts: int, threads: int) -> dict:
             f"trainer.prompts_per_mini_batch={prompts}", f"rollout.n={GROUP}",
             f"rollout.max_response_tokens={STEP_TOKENS}", "rollout.max_prompt_tokens=256", "trainer.lr=1e-6",
             "task.eval_size=8", "task.reward_workers=0", "trainer.samples_every=0", f"threads={threads}",
+            f"trainer.micro_batch_tokens={micro_batch_tokens}",
         ])
         import torch
 
@@ -296,7 +297,8 @@ def matmul_rate(threads: int) -> dict:
 def run_part(part: str, args) -> dict:
     python = args.vllm_python if part == "gen-vllm" else sys.executable
     cmd = [python, __file__, "--child", part, "--model", args.model, "--steps", str(args.steps),
-           "--prompts", str(args.prompts), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--prompts", str(args.prompts), "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--micro-batch-tokens", str(args.micro_batch_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -308,7 +310,7 @@ def run_part(part: str, args) -> dict:
 def child(args) -> None:
     part, model = args.child, args.model
     if part == "step-tinyrl":
-        out = step_tinyrl(model, args.steps, args.prompts, args.threads)
+        out = step_tinyrl(model, args.steps, args.prompts, args.threads, args.micro_batch_tokens)
     elif part == "step-trl":
         out = step_trl(model, args.steps, args.prompts, args.threads)
     elif part == "gen-hf":
@@ -330,6 +332,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384,
+                        help="tinyrl's trainer.micro_batch_tokens (a memory knob: the gradient is the same)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=["matmul", "step-tinyrl", "step-trl"])
     parser.add_argument("--rounds", type=int, default=1, help="repeat the parts in turn (A/B pairs)")
     parser.add_argument("--vllm-python", default=".venv-vllm/bin/python")
@@ -349,6 +353,7 @@ def main() -> None:
         for part in args.parts:
             results.setdefault(part, []).append(run_part(part, args))
             load.append(os.getloadavg()[0])
+            print(part, json.dumps(results[part][-1]), f"load {load[-1]:.1f}", flush=True)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, 1-min load average during the run {min(load):.1f}-{max(load):.1f}")
     print(json.dumps(results))

@@ -251,3 +251,10 @@ def test_resume_after_sigkill_is_exact_and_tinyrl_eval_measures_what_the_run_mea
     assert {k: v for k, v in result.items() if k not in report_only} == {
         k: v for k, v in summary["eval_after_rl"].items() if k not in report_only
     }
+
+
+def test_the_cpu_preset_finds_the_model_in_the_cache(smollm2_dir, monkeypatch):
+    monkeypatch.setenv("TINYRL_CACHE", str(smollm2_dir.parent))
+    cfg = load_config(["experiment=smollm2_cpu"])
+    assert Path(cfg.model.path) == smollm2_dir and cfg.model.template == "chat"
+    assert not cfg.sft.enabled and cfg.task.name == "multiplication" and cfg.algorithm.kl_coef == 0
