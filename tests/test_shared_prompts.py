@@ -48,9 +48,21 @@ def _forward_batch_sizes(model, run):
     return result, sizes
 
 
+def _embedded_tokens(model, run):
+    """`run()`'s result and the number of tokens the model embeds in each forward pass (its own or tinyrl's)."""
+    counts = []
+    embed = model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda module, args, out: counts.append(args[0].numel()))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, counts
+
+
 def _loss_and_grads(model, batch, share: bool):
     model.zero_grad(set_to_none=True)
-    (logprobs, entropy), sizes = _forward_batch_sizes(
+    (logprobs, entropy), sizes = _embedded_tokens(
         model, lambda: token_logprobs(model, batch, 0.7, with_entropy=True, share_prompts=share))
     mask = batch.response_mask
     loss = -(logprobs * batch.advantages).sum() / mask.sum() + 0.1 * (entropy * mask).sum() / mask.sum()
@@ -65,8 +77,9 @@ def test_sharing_prompts_gives_the_same_logprobs_entropies_and_gradients(policy)
     policy.train()
     full_lp, full_ent, full_grads, full_calls = _loss_and_grads(policy, batch, share=False)
     lp, ent, grads, calls = _loss_and_grads(policy, batch, share=True)
-    assert full_calls == [batch.size]
-    assert calls == [len(PROMPT_LENGTHS), batch.size]  # one row per distinct prompt, then every response
+    assert full_calls == [batch.input_ids.numel()]  # every row padded to the longest prompt and response
+    # each distinct prompt once, then every response's real tokens but its last (nothing after it is predicted)
+    assert calls == [sum(PROMPT_LENGTHS) + sum(max(r - 1, 0) for r in RESPONSE_LENGTHS)]
     torch.testing.assert_close(lp, full_lp, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent, full_ent, atol=2e-5, rtol=1e-5)
     for name, grad in full_grads.items():

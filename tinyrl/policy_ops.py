@@ -2,8 +2,8 @@
 
 Each pass takes `packing=None` (padded rows, `RolloutBatch` layout) or a `Packing` from `plan_micro_batches`
 (sequences end to end, see `tinyrl.packing`); both return the same `[n, R]` response layout. Padded log-prob
-passes may also run each distinct prompt once for all the rows that share it (`share_prompts`): the completions
-of a GRPO group all continue one prompt, so its keys and values are the same in every row.
+passes may also run each distinct prompt once for all the rows that share it, and the responses without padding
+(`share_prompts`, see `tinyrl.prompt_sharing`): the completions of a GRPO group all continue one prompt.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from tinyrl import algorithms
+from tinyrl import algorithms, prompt_sharing
 from tinyrl.batch import RolloutBatch
 from tinyrl.packing import Packing, pack_layout, plan_micro_batches
-from tinyrl.rollout.kv_decode import StaticKVDecoder, cache_argument, distinct_rows
+from tinyrl.prompt_sharing import shared_prompt_layout, shared_prompt_logits
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -27,16 +27,8 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def response_logits(model, mb: RolloutBatch, share_prompts: bool = False) -> torch.Tensor:
-    """Logits `[n, R, V]` that predict each response token (column P + j - 1 predicts response token j).
-
-    `share_prompts`: run each distinct prompt of `mb` once (see `_logits_sharing_prompts`). The number of forward
-    calls then depends on the rows, so a sharded model (where each call is a collective) must not ask for it.
-    """
-    if share_prompts:
-        logits = _logits_sharing_prompts(model, mb)
-        if logits is not None:
-            return logits
+def response_logits(model, mb: RolloutBatch) -> torch.Tensor:
+    """Logits `[n, R, V]` that predict each response token (column P + j - 1 predicts response token j)."""
     r = mb.response_width
     out = model(
         input_ids=mb.input_ids,
@@ -48,52 +40,25 @@ def response_logits(model, mb: RolloutBatch, share_prompts: bool = False) -> tor
     return out.logits[:, :-1, :]
 
 
-def _logits_sharing_prompts(model, mb: RolloutBatch) -> Optional[torch.Tensor]:
-    """`response_logits` computed with one forward pass per distinct prompt, then one over the responses.
-
-    Pass 1 runs the U distinct (left-padded) prompts and keeps their per-layer keys and values; gathering those
-    rows for each of the n sequences gives exactly the cache the full pass would build, so pass 2 (the responses,
-    attending to that cache) yields the same logits. The gather's backward sums the n rows' gradients into the U
-    prompts, so gradients are the same too; prompt tokens cost U/n of the full pass. None (nothing done) when no
-    prompt repeats or the model is not a Llama-family model with full attention in every layer (a sliding window
-    would keep only part of the prompt's cache); None after pass 1 when the model keeps no plain per-layer cache
-    tensors (e.g. activation checkpointing turns the cache off in training).
-    """
-    if not StaticKVDecoder.supports(model):
-        return None
-    p = mb.prompt_width
-    prompt_ids, prompt_mask = mb.input_ids[:, :p], mb.attention_mask[:, :p]
-    first, inverse = distinct_rows(prompt_ids, prompt_mask)
-    if first.shape[0] == prompt_ids.shape[0]:
-        return None
-    positions = mb.position_ids()
-    name = cache_argument(model)
-    prompts = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=positions[first, :p],
-                    use_cache=True, logits_to_keep=1)
-    layers = getattr(prompts.get(name), "layers", None)
-    if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
-        return None
-    for layer in layers:
-        # index_select, not x[inverse]: its backward (index_add_) sums the rows in a fixed order on the CPU, where
-        # advanced indexing's backward (index_put_ with accumulate) can differ from run to run with threads
-        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
-    responses = model(input_ids=mb.input_ids[:, p:], attention_mask=mb.attention_mask, position_ids=positions[:, p:],
-                      use_cache=True, **{name: prompts[name]})
-    return torch.cat([prompts.logits[:, -1:].index_select(0, inverse), responses.logits[:, :-1]], dim=1)
-
-
 def token_logprobs(model, mb: RolloutBatch, temperature: float, with_entropy: bool = False,
                    packing: Optional[Packing] = None, share_prompts: bool = False):
     """Per-token log-probs `[n, R]` of the response under `model` at the sampling temperature (and entropy).
 
-    `share_prompts` (padded rows only): each distinct prompt runs once, see `response_logits`.
+    `share_prompts` (padded rows only): when some prompt repeats and the model allows it, each distinct prompt runs
+    once and the responses without padding (`tinyrl.prompt_sharing`); otherwise the plain padded pass. The number of
+    forward calls then depends on the rows, so a sharded model (where each call is a collective) must not ask for it.
     """
     if packing is not None:
         layout = pack_layout(mb, packing)
         logits = _packed_logits(model, layout, packing)
         logprobs, entropy = _logprobs_and_entropy(logits, layout.targets, temperature, with_entropy)
         return layout.unpack(logprobs), (layout.unpack(entropy) if entropy is not None else None)
-    logits = response_logits(model, mb, share_prompts)
+    shared = shared_prompt_layout(mb) if share_prompts and prompt_sharing.supports(model) else None
+    if shared is not None:
+        logits = shared_prompt_logits(model, shared)
+        logprobs, entropy = _logprobs_and_entropy(logits, shared.targets, temperature, with_entropy)
+        return shared.unpack(logprobs), (shared.unpack(entropy) if entropy is not None else None)
+    logits = response_logits(model, mb)
     return _logprobs_and_entropy(logits, mb.responses(), temperature, with_entropy)
 
 

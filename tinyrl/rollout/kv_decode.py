@@ -45,7 +45,8 @@ def distinct_rows(*columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dim: the rotation of rotary position embeddings."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -138,8 +139,8 @@ class StaticKVDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            keys[:, :, start:end] = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            keys[:, :, start:end] = k * cos + rotate_half(k) * sin
             values[:, :, start:end] = v
             # group the query heads that share a key/value head: [rows, kv_heads, group * width, head_dim]
             q = q.reshape(rows, self.num_kv_heads, self.group * width, self.head_dim)
