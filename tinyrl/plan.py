@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyrl.config import TrainConfig, uses_critic, uses_reference
+from tinyrl.rollout import engine_spec
 
 GIB = 1024**3
 HEADROOM = 0.10  # share of the GPU a plan keeps free
@@ -225,10 +226,11 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     # Sharded models are gathered in the compute dtype to sample; one process samples from its float32 model.
     sampling = compute if sharded else 4
     generation = 0
-    if r.engine == "vllm":
-        if r.layout == "colocated":  # a vLLM server (layout: server) has a GPU of its own
-            components["vLLM engine (weights + KV cache, colocated)"] = int(r.gpu_memory_utilization * gpu_gb * GIB)
-    else:
+    # an engine that is not the policy itself says what it holds on a training GPU (tinyrl.rollout.ENGINES)
+    engine_memory = engine_spec(r.engine).gpu_memory
+    engine_parts = engine_memory(r, gpu_gb) if engine_memory is not None else {}
+    components.update(engine_parts)
+    if engine_memory is None:
         batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences
         kv_token = shape.kv_bytes_per_token(sampling)
         # The transformers engine preallocates the full-length KV cache (`StaticKVDecoder`) before the prompt's
@@ -265,7 +267,7 @@ def memory_plan(cfg: TrainConfig, world_size: int = 1, gpu_gb: float = 80.0, dev
     gradient_keys = ("policy gradients (float32)", "critic gradients (float32)")
     offloaded = cfg.distributed.cpu_offload
     resident = 0 if offloaded else sum(components[k] for k in state_keys if k not in gradient_keys)
-    engine = components.get("vLLM engine (weights + KV cache, colocated)", 0)
+    engine = sum(engine_parts.values())
     awake = 0 if r.sleep_level is not None else engine  # a sleeping engine frees its memory after generating
     grads = 0 if offloaded else max(components.get(k, 0) for k in gradient_keys)
     phases = {

@@ -46,8 +46,6 @@ __all__ = [
     "task_catalog",
     "complete_task",
     "load_object",
-    "RewardScorer",
-    "score_batch",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -375,12 +373,3 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
         raise TypeError(
             f"task {name!r} got unknown argument(s) {', '.join(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
-
-
-def __getattr__(attr: str):
-    # Scoring moved to tinyrl.reward_workers; these names stay importable from here for existing code.
-    if attr in ("RewardScorer", "score_batch"):
-        from tinyrl import reward_workers
-
-        return getattr(reward_workers, attr)
-    raise AttributeError(f"module 'tinyrl.task' has no attribute {attr!r}")

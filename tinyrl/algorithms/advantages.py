@@ -13,7 +13,7 @@ from ._common import (
     _check_shape,
     _check_values,
     _float_dtype,
-    _lookup,
+    resolve_function,
     _supported_kwargs,
     _zero_outside,
 )
@@ -196,7 +196,8 @@ def reinforce_pp_baseline_advantages(token_rewards: Tensor, response_mask: Tenso
 def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
                        group_index: Tensor | Sequence[Hashable] | None = None, values: Tensor | None = None,
                        gamma: float = 1.0, lam: float = 1.0, **options: object) -> tuple[Tensor, Tensor]:
-    """Advantages and returns `[B, T]` from the registered estimator `estimator`; both are 0 outside the mask.
+    """Advantages and returns `[B, T]` from the estimator `estimator` (a registered name, `module:function` or
+    `file.py:function`); both are 0 outside the mask.
 
     `rewards` is `[B]` (one outcome reward per sequence, placed on its last response token) or `[B, T]`
     (token rewards, e.g. with a KL penalty folded in; entries outside the mask are ignored). `group_index`
@@ -205,7 +206,7 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
     Estimator options (`norm_by_std`, `eps`, `whiten`) are passed to the estimators that declare them and
     ignored by the others, so a trainer can pass its whole config; a name no estimator knows raises.
     """
-    fn = _lookup(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
+    fn = resolve_function(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
     _check_options(options, ADVANTAGE_ESTIMATORS, fn, "advantage estimator", _ESTIMATOR_CORE_ARGS)
     mask = _as_mask(response_mask)
     if not isinstance(rewards, Tensor):

@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from tinyrl.rollout.base import Completion, SamplingConfig
+from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig
 from tinyrl.rollout.vllm import FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
 
 log = logging.getLogger("tinyrl")
@@ -99,7 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(RolloutEngine):
     # Samples from the server's copy of the weights: the trainer must push new weights after every update.
     shares_policy_weights = False
 
