@@ -414,6 +414,7 @@ def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
     _check(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low", "clip ranges must be >= 0")
     _check(a.overlong in ("none", "mask", "soft"), "algorithm.overlong", f"must be none, mask or soft, got {a.overlong!r}")
     _check(a.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
+    _check(a.overlong_penalty >= 0, "algorithm.overlong_penalty", f"must be >= 0, got {a.overlong_penalty}")
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
