@@ -1,8 +1,10 @@
 """Typed configuration for training runs, and its validation.
 
 The dataclasses below are the schema of the Hydra config tree in `conf/` (registered in Hydra's ConfigStore as
-`train_schema`), so a wrong type or an unknown key fails when the config is composed, naming the key. `validate`
-adds the checks a type cannot express (ranges, divisibility, paths) and runs before any model is loaded.
+`train_schema`; the `algorithm:` node, `AlgorithmConfig`, lives with the algorithms in tinyrl/algorithms/settings.py),
+so a wrong type or an unknown key fails when the config is composed, naming the key. `validate` adds the checks a
+type cannot express (ranges, divisibility, paths, names of registered functions and engines) and runs before any
+model is loaded; user code a config names (`file.py:function`) is loaded by `tinyrl.preflight`.
 
 Batch sizes, each with one meaning:
 - `trainer.prompts_per_step`: problems sampled per RL step; each gets `rollout.n` completions.

@@ -115,7 +115,7 @@ def run_sft(
     Resumable exactly: `save(step, state)` is called every `cfg.save_every` steps and when `should_stop()` turns
     true (then `DistillationStopped` is raised after the save); passing that `state` back (with the model's
     weights as saved then) continues with the same batches, optimizer moments and schedule.
-    `progress` (a `tinyrl.metrics.Progress`) is updated every step with the loss.
+    `progress` (a `tinyrl.console.Progress`) is updated every step with the loss.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))

@@ -434,7 +434,7 @@ class RLTrainer:
         scores = [float(r.score) for r in rewards]
         if a.overlong != "soft" or a.overlong_buffer == 0:
             return scores
-        # a buffer longer than the responses may be starts its ramp below length 0: lengths count from there
+        # a buffer longer than a response may be starts its ramp below length 0: lengths count from there
         below = max(0, a.overlong_buffer - limit)
         lengths = torch.tensor([len(c.token_ids) + below for c in completions], dtype=torch.float64)
         penalties = algorithms.overlong_penalty(lengths, limit + below, a.overlong_buffer, a.overlong_penalty)
