@@ -69,8 +69,8 @@ def main() -> None:
             print(f"| AdamW moments (exact) | {plan.components['policy AdamW moments (float32)'] / MIB:.3f} | "
                   f"{moments / MIB:.3f} | {moments / plan.components['policy AdamW moments (float32)']:.3f} |")
         label = "update, gradient checkpointing" if checkpointing else "update, no checkpointing"
-        print(f"| {label} | {plan.phases['update'] / MIB:.1f} | {measured / MIB:.1f} | "
-              f"{measured / plan.phases['update']:.2f} |")
+        planned = max(plan.phases["update"], plan.phases["optimizer step"])  # one _optimizer_step runs both
+        print(f"| {label} | {planned / MIB:.1f} | {measured / MIB:.1f} | {measured / planned:.2f} |")
     for sampled in (24, 96):
         cfg = config(model, root / f"s{sampled}", f"rollout.max_response_tokens={sampled}", "rollout.n=1",
                      "algorithm.advantage=reinforce_pp", "rollout.batch_size=64", "trainer.prompts_per_step=64",

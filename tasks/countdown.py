@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar, Sequence, Union
 
-from tinyrl.task import SPLITS, Reward, TooFewProblems, register_task
+from tinyrl.task import SPLITS, Reward, TaskError, TooFewProblems, register_task
 
 __all__ = ["Countdown", "solve", "solve_trace", "split_of", "extract_answer", "check_answer", "REASONS"]
 
@@ -672,7 +672,8 @@ class Countdown:
         def need_int(arg: str, low: int, high: int) -> None:
             v = getattr(self, arg)
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
-                raise ValueError(f"Countdown: {arg} must be an integer in [{low}, {high}], got {v!r}")
+                raise TaskError(f"Countdown: {arg} must be an integer in [{low}, {high}], got {v!r}",
+                                key=f"kwargs.{arg}")
 
         need_int("min_numbers", 1, 6)
         need_int("max_numbers", self.min_numbers, 6)
@@ -685,19 +686,24 @@ class Countdown:
         need_int("trace_misses", 0, 5)
         chance = self.trace_miss_chance
         if chance is not None and (isinstance(chance, bool) or not isinstance(chance, (int, float)) or not 0 <= chance < 1):
-            raise ValueError(f"Countdown: trace_miss_chance must be null or a number in [0, 1), got {chance!r}")
+            raise TaskError(f"Countdown: trace_miss_chance must be null or a number in [0, 1), got {chance!r}",
+                            key="kwargs.trace_miss_chance")
         if self.trace_check not in _CHECKS:
-            raise ValueError(f"Countdown: trace_check must be one of {sorted(_CHECKS)}, got {self.trace_check!r}")
+            raise TaskError(f"Countdown: trace_check must be one of {sorted(_CHECKS)}, got {self.trace_check!r}",
+                            key="kwargs.trace_check")
         if not isinstance(self.calculator, bool):
-            raise ValueError(f"Countdown: calculator must be true or false, got {self.calculator!r}")
+            raise TaskError(f"Countdown: calculator must be true or false, got {self.calculator!r}",
+                            key="kwargs.calculator")
         if self.prompt_style not in ("prose", "compact"):
-            raise ValueError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
+            raise TaskError(f"Countdown: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}",
+                            key="kwargs.prompt_style")
         if not isinstance(self.use_all_numbers, bool):
-            raise ValueError(f"Countdown: use_all_numbers must be true or false, got {self.use_all_numbers!r}")
+            raise TaskError(f"Countdown: use_all_numbers must be true or false, got {self.use_all_numbers!r}",
+                            key="kwargs.use_all_numbers")
         for arg in ("correct_score", "format_score"):
             v = getattr(self, arg)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Countdown: {arg} must be a finite number, got {v!r}")
+                raise TaskError(f"Countdown: {arg} must be a finite number, got {v!r}", key=f"kwargs.{arg}")
             object.__setattr__(self, arg, float(v))
 
     # -- problems -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import re
 from typing import Any, Sequence
 
 from tinyrl.file_task import FileTask
-from tinyrl.task import Reward, register_task
+from tinyrl.task import Reward, TaskError, register_task
 
 __all__ = ["MathAnswer", "extract_final_answer", "unsafe_reason", "REASONS"]
 
@@ -176,7 +176,7 @@ class MathAnswer(FileTask):
         for arg, value, low in (("max_answer_chars", max_answer_chars, 8), ("max_nesting", max_nesting, 1),
                                 ("max_exponent", max_exponent, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"MathAnswer: {arg} must be an integer >= {low}, got {value!r}")
+                raise TaskError(f"MathAnswer: {arg} must be an integer >= {low}, got {value!r}", key=f"kwargs.{arg}")
         self.correct_score, self.format_score = float(correct_score), float(format_score)
         self.max_answer_chars, self.max_nesting, self.max_exponent = max_answer_chars, max_nesting, max_exponent
         super().__init__(

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tinyrl.task import SPLITS, Reward, TooFewProblems, register_task
+from tinyrl.task import SPLITS, Reward, TaskError, TooFewProblems, register_task
 from tinyrl.tasks.countdown import extract_answer
 
 __all__ = ["Multiplication", "check_product", "long_multiplication", "split_of", "REASONS"]
@@ -140,13 +140,14 @@ class Multiplication:
         for arg in ("a_digits", "b_digits"):
             v = getattr(self, arg)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 12:
-                raise ValueError(f"Multiplication: {arg} must be an integer in [1, 12], got {v!r}")
+                raise TaskError(f"Multiplication: {arg} must be an integer in [1, 12], got {v!r}", key=f"kwargs.{arg}")
         if self.prompt_style not in ("prose", "compact"):
-            raise ValueError(f"Multiplication: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}")
+            raise TaskError(f"Multiplication: prompt_style must be 'prose' or 'compact', got {self.prompt_style!r}",
+                            key="kwargs.prompt_style")
         for arg in ("correct_score", "format_score"):
             v = getattr(self, arg)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Multiplication: {arg} must be a finite number, got {v!r}")
+                raise TaskError(f"Multiplication: {arg} must be a finite number, got {v!r}", key=f"kwargs.{arg}")
             object.__setattr__(self, arg, float(v))
 
     @property

@@ -150,8 +150,12 @@ def main(out_path: str, model_dir: str, work: str) -> None:
         world.shard(sharded)
         pairs = list(world.full_weights(sharded))
         want = plain.state_dict()
-        return {"names_equal": [n for n, _ in pairs] == list(want), "has_lm_head": "lm_head.weight" in dict(pairs),
-                "max_diff": max(float((t - want[n]).abs().max()) for n, t in pairs)}
+        half = list(world.full_weights(sharded, dtype=torch.bfloat16))  # cast per shard, before the gather
+        return {"names_equal": [n for n, _ in pairs] == [n for n in want if n != "lm_head.weight"],
+                "has_lm_head": "lm_head.weight" in dict(pairs),
+                "max_diff": max(float((t - want[n]).abs().max()) for n, t in pairs),
+                "bf16_dtypes": sorted({str(t.dtype) for _, t in half}),
+                "bf16_equal": all(torch.equal(t, want[n].to(torch.bfloat16)) for n, t in half)}
 
     @check("gradients")
     def _():

@@ -63,6 +63,11 @@ def needs_missing_column(completions, answer_text, **kwargs):
     return [1.0 for _ in answer_text]
 
 
+def divides_by_zero(completions, **kwargs):
+    """Broken on every completion."""
+    return [len(c) / 0 for c in completions]
+
+
 # -- veRL style: one sample per call ----------------------------------------------------------------------------
 
 
@@ -88,3 +93,29 @@ def compute_score_two_args(solution_str, ground_truth):
 
 def compute_score_without_score(data_source, solution_str, ground_truth, extra_info=None):
     return {"acc": 1.0}
+
+
+def _text(completion):
+    return completion[0]["content"] if isinstance(completion, list) else completion
+
+
+def length_unless_divisible(completions, **kwargs):
+    """None when the characters' code points add up to a multiple of 3; else the length modulo 5."""
+    return [None if sum(map(ord, _text(c))) % 3 == 0 else float(len(_text(c)) % 5) for c in completions]
+
+
+def vowels_unless_even(completions, **kwargs):
+    """None when the characters' code points add up to an even number; else the number of vowels."""
+    return [None if sum(map(ord, _text(c))) % 2 == 0 else float(sum(ch in "aeiou" for ch in _text(c)))
+            for c in completions]
+
+
+def never_formatted(completions, **kwargs):
+    """A tag check no completion passes: 0.0 for every one."""
+    return [1.0 if _text(c).startswith("<answer>") and _text(c).endswith("</answer>") and False else 0.0
+            for c in completions]
+
+
+def exact_answer(completions, ground_truth, **kwargs):
+    """1.0 when the completion is the ground truth, stripped."""
+    return [float(_text(c).strip() == str(gt)) for c, gt in zip(completions, ground_truth)]

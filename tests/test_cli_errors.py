@@ -55,6 +55,87 @@ def test_a_bad_config_is_one_line_with_status_2_and_leaves_nothing(tmp_path, ove
     assert list(tmp_path.iterdir()) == []  # no run directory, no cli.log
 
 
+REPO = Path(__file__).resolve().parents[1]
+WILD = str(Path(__file__).with_name("rewards_in_the_wild.py"))
+DIGITS = str(Path(__file__).with_name("learnable_task.py"))  # DigitTask takes no arguments
+
+
+def _data_files(folder: Path) -> dict[str, Path]:
+    """Data files, each wrong in one way, next to a good one."""
+    from tinyrl.data import write_rows
+
+    folder.mkdir()
+    good = [{"prompt": f"What is {i} + {i}?", "reward_model": {"ground_truth": str(2 * i)}} for i in range(20)]
+    null_truth = [dict(r) for r in good]
+    null_truth[17] = {"prompt": "What is 17 + 17?", "reward_model": {"ground_truth": None}}
+    (folder / "broken.jsonl").write_text('{"prompt": "q", "reward_model": {"ground_truth": "1"}}\n{"prompt": \n')
+    return {
+        "good": write_rows(folder / "good.jsonl", good),
+        "null_truth": write_rows(folder / "null_truth.jsonl", null_truth),
+        "broken": folder / "broken.jsonl",
+        "question": write_rows(folder / "question.jsonl", [{"question": "q", "answer": "1"}] * 3),
+        "unknown_source": write_rows(folder / "unknown_source.jsonl",
+                                     [{"data_source": "lighteval/MATH", **r} for r in good]),
+    }
+
+
+BAD_TASKS = {  # case: (overrides given the data files, what the one line says)
+    "missing data file": (lambda d: ["task=file", f"task.kwargs.train_file={d['good'].parent / 'nope.jsonl'}",
+                                     f"task.kwargs.compute_score={WILD}:compute_score"],
+                          "task.kwargs.train_file: file task: train_file: no file at"),
+    "a line that is not JSON": (lambda d: ["task=file", f"task.kwargs.train_file={d['broken']}",
+                                           f"task.kwargs.compute_score={WILD}:compute_score"],
+                                "task.kwargs.train_file: {broken}: line 2: not valid JSON"),
+    "a null ground truth": (lambda d: ["task=file", f"task.kwargs.train_file={d['null_truth']}",
+                                       f"task.kwargs.compute_score={WILD}:compute_score"],
+                            "task.kwargs.train_file: {null_truth}: row 17: column 'reward_model.ground_truth' is "
+                            "null; every row needs a ground truth"),
+    "no prompt column": (lambda d: ["task=file", f"task.kwargs.train_file={d['question']}",
+                                    f"task.kwargs.compute_score={WILD}:compute_score_two_args"],
+                         "{question}: row 0: no column 'prompt'; columns: answer, question (set "
+                         "task.kwargs.prompt_key"),
+    "an unknown data_source": (lambda d: ["task=file", f"task.kwargs.train_file={d['unknown_source']}"],
+                               "{unknown_source}: row 0: column 'data_source' is 'lighteval/MATH', which names no "
+                               "tinyrl task"),
+    "a column a reward needs": (lambda d: ["task=file", f"task.kwargs.train_file={d['good']}",
+                                           f"task.kwargs.reward_funcs=[{WILD}:needs_missing_column]"],
+                                "{good}: row 0: no column 'answer_text', which reward function "
+                                "'needs_missing_column' takes"),
+    "a misspelled task class": (lambda d: ["task=custom", f"task.name={REPO}/examples/custom_task.py:SortLeters"],
+                                "task.name: task spec '{repo}/examples/custom_task.py:SortLeters': "
+                                "{repo}/examples/custom_task.py has no attribute 'SortLeters' (did you mean "
+                                "SortLetters?)"),
+    "a missing task file": (lambda d: ["task=custom", "task.name=my_tasks/no_such_task.py:MyTask"],
+                            "task.name: task spec: file not found: my_tasks/no_such_task.py"),
+    "an unknown task argument": (lambda d: ["task=custom", f"task.name={REPO}/examples/custom_task.py:SortLetters",
+                                            "+task.kwargs.max_leters=3"],
+                                 "task.kwargs.max_leters: task '{repo}/examples/custom_task.py:SortLetters' got "
+                                 "unknown argument(s) max_leters (did you mean max_letters?); it accepts: "),
+    "an argument to a task that takes none": (lambda d: ["task=custom", f"task.name={DIGITS}:DigitTask",
+                                                         "+task.kwargs.size=3"],
+                                              "got unknown argument(s) size; it takes no arguments"),
+    "a value the task refuses": (lambda d: ["task.kwargs.max_numbers=9"],
+                                 "task.kwargs.max_numbers: Countdown: max_numbers must be an integer in [3, 6], got 9"),
+    "a misspelled argument without +": (lambda d: ["task.kwargs.min_numbrs=2"],
+                                        "task.kwargs.min_numbrs: task 'countdown' got unknown argument(s) min_numbrs "
+                                        "(did you mean min_numbers?)"),
+    "an unknown task name": (lambda d: ["task.name=countdwn"],
+                             "task.name: unknown task 'countdwn' (did you mean countdown?); available tasks: "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TASKS))
+def test_a_bad_task_or_data_file_is_one_line_with_status_2_before_any_model_loads(tmp_path, case):
+    files = _data_files(tmp_path / "data")
+    overrides, expected = BAD_TASKS[case]
+    expected = expected.format(repo=REPO, **files)
+    result = _cli("tinyrl-train", [*overrides(files), f"run_dir={tmp_path / 'run'}"], tmp_path)
+    line = _one_line_refusal(result, expected)
+    assert line.startswith("tinyrl-train: task"), line
+    assert result.stdout == ""  # nothing started: no phase line, no model built or loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory
+
+
 def test_config_errors_are_reported_before_torch_loads(tmp_path):
     probe = (
         "import sys\n"

@@ -99,10 +99,10 @@ def test_reads_a_tinyzero_countdown_parquet(tmp_path):
 def test_jsonl_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"a": \n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 3: not valid JSON"):
         read_rows(path)
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected a JSON object"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: expected a JSON object"):
         read_rows(path)
 
 

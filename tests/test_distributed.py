@@ -113,9 +113,12 @@ def test_ranks_sample_different_lengths_from_one_sharded_model_without_waiting(c
     assert result["same_tokens"] == [True, True] and result["logprob_diff"] == 0.0
 
 
-def test_full_weights_are_gathered_with_hugging_face_names_and_the_tied_head(checks):
+def test_full_weights_are_gathered_with_hugging_face_names_once_each_and_in_the_asked_dtype(checks):
+    """The tied head is the embedding's tensor: it is sent once, under the embedding's name (vLLM skips the
+    alias anyway); a compute dtype is applied to each shard before the gather and changes nothing else."""
     result = _result(checks, "full_weights")
-    assert result["names_equal"] and result["has_lm_head"] and result["max_diff"] == 0.0
+    assert result["names_equal"] and not result["has_lm_head"] and result["max_diff"] == 0.0
+    assert result["bf16_dtypes"] == ["torch.bfloat16"] and result["bf16_equal"]
 
 
 @pytest.mark.parametrize("case", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "kl-and-entropy",

@@ -134,7 +134,7 @@ def test_write_eval_results_is_strict_json_with_scored_samples(tmp_path):
     assert "NaN" not in path.read_text(encoding="utf-8")
     assert record["step"] == 30
     assert record["summary"]["pass@k"] == {"1": pytest.approx(0.25), "2": pytest.approx(0.5)}
-    assert record["summary"]["mean_reward"] is None  # the NaN score poisons the mean; written as null
+    assert record["summary"]["mean_reward"] == 1.0  # a NaN score is a reward that does not apply: left out
     assert record["samples"] == [
         {"prompt": "p0", "completion": "<answer>3</answer>", "score": 1.0, "correct": True, "formatted": True}
     ]

@@ -97,14 +97,14 @@ def test_plain_columns_and_a_split_column(tmp_path):
 @pytest.mark.parametrize(
     "row, kwargs, message",
     [
-        ({"text": "q", "reward_model": {"ground_truth": "1"}}, {}, r"row 2: no column 'prompt' \(prompt_key\)"),
+        ({"text": "q", "reward_model": {"ground_truth": "1"}}, {}, r"row 2: no column 'prompt'; columns: reward_model, text \(set task.kwargs.prompt_key"),
         ({"prompt": "  ", "reward_model": {"ground_truth": "1"}}, {}, r"row 2: column 'prompt' is an empty string"),
         ({"prompt": [{"role": "robot", "content": "hi"}], "reward_model": {"ground_truth": "1"}}, {},
          r"row 2: column 'prompt' message 0 has role 'robot'"),
         ({"prompt": [{"role": "user", "content": 5}], "reward_model": {"ground_truth": "1"}}, {},
          r"row 2: column 'prompt' message 0 content is int"),
         ({"prompt": "q", "reward_model": {"style": "rule"}}, {},
-         r"row 2: no column 'reward_model.ground_truth' \(answer_key\)"),
+         r"row 2: no column 'reward_model.ground_truth'; .*task.kwargs.answer_key"),
         ({"prompt": "q", "reward_model": {"ground_truth": ""}}, {}, r"row 2: column 'reward_model.ground_truth' is empty"),
         ({"prompt": "q", "reward_model": {"ground_truth": "1"}, "extra_info": {"split": "dev"}},
          {"split_key": "extra_info.split"}, r"row 2: column 'extra_info.split' is 'dev'"),
@@ -124,7 +124,8 @@ def test_missing_files_and_arguments_are_named(tmp_path):
                  test_file=str(tmp_path / "nope.parquet"), reward_funcs=[f"{WILD}:length_reward"])
     with pytest.raises(ValueError, match="give train_file"):
         get_task("file", compute_score=f"{WILD}:compute_score")
-    with pytest.raises(ValueError, match="no way of scoring given.*'data_source'"):
+    with pytest.raises(ValueError, match=r"b\.jsonl: row 0: column 'data_source' is 'openai/gsm8k', which names no "
+                                         r"tinyrl task .*task\.kwargs\.compute_score"):
         get_task("file", train_file=str(write_rows(tmp_path / "b.jsonl", [
             {"data_source": "openai/gsm8k", "prompt": "q", "reward_model": {"ground_truth": "1"}}])))
 

@@ -4,6 +4,7 @@ shipped in the pinned TRL, weights and None, and every way such code can fail, s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def test_trl_functions_are_called_as_grpo_trainer_calls_them(verl_file, plain_fi
     assert second["columns"] == {k: [v] for k, v in plain_row.items() if k != "prompt"}
 
     for reward in (chat_reward, plain_reward):
-        assert reward.score == 0.5 and reward.formatted and not reward.correct  # correct_score is 1.0
+        # no function is named the correctness or format signal: the reward says nothing about either
+        assert reward.score == 0.5 and reward.correct is None and reward.formatted is None
         assert reward.components == {"record_call": 0.5, "recorded": 1.0}  # log_metric values are components too
         assert reward.info["extra"] == {"note": "seen"}
 
@@ -88,18 +90,18 @@ def test_functions_shipped_in_trl_rewards_work_as_they_are(verl_file, plain_file
             {"path": "trl.rewards:get_soft_overlong_punishment", "kwargs": {"max_completion_len": 10,
                                                                            "soft_punish_cache": 5}},
             {"path": "trl.rewards:get_repetition_penalty_reward", "kwargs": {"ngram_size": 2}},
-        ], reward_weights=[1.0, 0.5, 0.25],
+        ], reward_weights=[1.0, 0.5, 0.25], formatted_from="think_format_reward",
     )
     row = chat.dataset("train", 1, 0)[0]
     good, bad = score(chat, ["<think>\nsum\n</think>\n4", "4"], [row, row], [[1, 2, 3], [1, 1, 1, 1, 1, 1, 1, 1]])
     assert good.components == {"think_format_reward": 1.0, "soft_overlong_punishment_reward": 0.0,
                                "repetition_penalty_reward": 0.0}
-    assert good.score == 1.0 and good.correct
+    assert good.score == 1.0 and good.formatted and good.correct is None
     # 8 tokens: (10 - 5 - 8) / 5 = -0.6 overlong; 2-grams all the same: (1 - 1/7) * -1 repetition.
     assert bad.components["think_format_reward"] == 0.0
     assert bad.components["soft_overlong_punishment_reward"] == pytest.approx(-0.6)
     assert bad.components["repetition_penalty_reward"] == pytest.approx(-6 / 7)
-    assert bad.score == pytest.approx(0.5 * -0.6 + 0.25 * -6 / 7) and not bad.correct
+    assert bad.score == pytest.approx(0.5 * -0.6 + 0.25 * -6 / 7) and bad.formatted is False
 
 
 def test_trl_accuracy_reward_uses_math_verify_in_the_workers(plain_file):
@@ -115,7 +117,8 @@ def test_trl_accuracy_reward_uses_math_verify_in_the_workers(plain_file):
 
     chat_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "solution": r["solution"]} for r in rows]
     chat_file = write_rows(Path(plain_file).with_name("chat.jsonl"), chat_rows)
-    chat = get_task("file", train_file=str(chat_file), reward_funcs=["trl.rewards:accuracy_reward"])
+    chat = get_task("file", train_file=str(chat_file), reward_funcs=["trl.rewards:accuracy_reward"],
+                    correct_from="accuracy_reward")
     right, wrong, equivalent = score(chat, ["so \\boxed{6}", "so \\boxed{7}", "so \\boxed{\\frac{12}{2}}"],
                                      [chat_rows[3]] * 3)
     assert (right.score, wrong.score, equivalent.score) == (1.0, 0.0, 1.0)
@@ -132,14 +135,16 @@ def test_weights_and_functions_that_do_not_apply(verl_file):
     assert odd.score == pytest.approx(2 * 0.25) and odd.components == {"length_reward": 0.25}  # None is skipped
     nobody = get_task("file", train_file=verl_file, reward_funcs=[f"{WILD}:only_even_rows"])
     (skipped,) = score(nobody, ["abc"], [rows[1]])
-    assert skipped.score == 0.0 and not skipped.formatted and "returned None" in skipped.info["reason"]
+    # TRL's "not applicable": NaN, so that it stays out of its group's statistics (see test_not_applicable.py)
+    assert math.isnan(skipped.score) and not skipped.applies and skipped.correct is None
+    assert "returned None" in skipped.info["not_applicable"]
     assert skipped.components == {} and "error" not in skipped.info
 
 
 @pytest.mark.parametrize(
     "func, message",
     [("wrong_length_reward", "expected a list with one value"), ("nan_reward", "not a finite number"),
-     ("needs_missing_column", "answer_text")],
+     ("divides_by_zero", "ZeroDivisionError: division by zero")],
 )
 def test_trl_function_failures_score_zero_with_the_error(verl_file, func, message):
     task = get_task("file", train_file=verl_file, reward_funcs=[f"{WILD}:{func}"])

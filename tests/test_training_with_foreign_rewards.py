@@ -1,5 +1,7 @@
 """Short CPU training runs on a real tiny transformer, with problems from parquet files and reward code written for
-TRL or veRL used unchanged; per-component reward metrics; reward errors shown, kept and stopping a broken run."""
+TRL or veRL used unchanged; per-component reward metrics; what accuracy and format rate mean for TRL functions;
+completions no TRL function applies to; reward errors shown, kept, counted in the closing lines and summary, and
+stopping a broken run."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tinyrl.compose import load_config
+from tinyrl.console import summary_lines
 from tinyrl.data import write_rows
 from tinyrl.experiment import train
 from tinyrl.reward_report import RewardsFailed
@@ -125,7 +128,7 @@ def test_a_reward_that_always_fails_stops_the_run_with_its_error_shown(tiny_mode
     run = tmp_path / "broken"
     overrides = base_overrides(
         tiny_model_dir, run, f"task.kwargs.train_file={data}", "task.eval_split=train",
-        f"task.kwargs.reward_funcs=[{WILD}:needs_missing_column]",
+        f"task.kwargs.reward_funcs=[{WILD}:divides_by_zero]",
     )
     # Through the command line: the first error of its kind with traceback and row, then one line, exit status 1.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -134,20 +137,65 @@ def test_a_reward_that_always_fails_stops_the_run_with_its_error_shown(tiny_mode
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert output.count("first of its kind") == 1  # 8 completions at evaluation failed the same way: shown once
-    assert "TypeError: needs_missing_column() missing 1 required positional argument: 'answer_text'" in output
+    assert "ZeroDivisionError: division by zero" in output
     assert "Traceback (most recent call last)" in output and "'ground_truth': '" in output  # traceback and row
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("tinyrl-train: step 1: 8 of 8 rewards failed") and "task.reward_error_limit=1" in last
     errors = [json.loads(line) for line in (run / "reward_errors.jsonl").read_text().splitlines()]
     assert len(errors) == 4 + 8  # the evaluation before RL (4 problems) and step 1 (2 prompts x 4)
     assert {e["where"] for e in errors} == {"evaluation at step 0", "step 1"}
-    assert all("answer_text" in e["error"] and e["traceback"] and "prompt" in e["row"] for e in errors)
+    assert all("ZeroDivisionError" in e["error"] and e["traceback"] and "prompt" in e["row"] for e in errors)
 
-    # With the stop turned off the run goes on, scoring those rewards 0 and counting them.
-    cfg = load_config([*overrides, f"run_dir={tmp_path / 'tolerant'}", "task.reward_error_limit=null"])
+    # With the stop turned off the run goes on, scoring those rewards 0 and counting them; its closing lines and
+    # summary.json say how many failed and where they are.
+    tolerant = tmp_path / "tolerant"
+    cfg = load_config([*overrides, f"run_dir={tolerant}", "task.reward_error_limit=null"])
     summary = train(cfg)
     assert summary["rl_steps"] == 2
-    assert [r["reward/errors"] for r in step_metrics(tmp_path / "tolerant")] == [8.0, 8.0]
+    assert [r["reward/errors"] for r in step_metrics(tolerant)] == [8.0, 8.0]
+    failed = 4 + 8 + 8 + 4  # evaluation before RL, two steps, evaluation after
+    expected = {"failed": failed, "timeouts": 0, "printed": 0, "kinds": 1, "file": str(tolerant / "reward_errors.jsonl")}
+    assert summary["reward_errors"] == expected
+    assert json.loads((tolerant / "summary.json").read_text())["reward_errors"] == expected
+    assert f"{failed} rewards failed and scored 0 during this run; every one is in {tolerant / 'reward_errors.jsonl'}" \
+        in summary_lines(summary)
 
     with pytest.raises(RewardsFailed, match="step 1: 8 of 8"):
         train(load_config([*overrides, f"run_dir={tmp_path / 'again'}"]))
+
+
+def test_trl_accuracy_and_format_come_from_the_functions_named_for_them(tiny_model_dir, tmp_path):
+    data = plain_parquet(tmp_path / "train.parquet")
+    run = tmp_path / "named"
+    summary = train(load_config(base_overrides(
+        tiny_model_dir, run, f"task.kwargs.train_file={data}", "task.eval_split=train",
+        f"task.kwargs.reward_funcs=[{WILD}:never_formatted,{WILD}:exact_answer,{WILD}:length_reward]",
+        "task.kwargs.formatted_from=never_formatted", "task.kwargs.correct_from=exact_answer",
+    )))
+    for row in step_metrics(run):
+        # a tag check that fails every completion: nothing is formatted, so nothing is "formatted but wrong"
+        assert row["reward/never_formatted"] == 0.0
+        assert row["reward/format_rate"] == 0.0 and row["reward/formatted_but_wrong"] == 0.0
+        assert row["reward/accuracy"] == row["reward/exact_answer"]  # correct: exact_answer >= correct_score (1.0)
+    assert summary["accuracy_after_rl"] == summary["eval_after_rl"]["accuracy"] is not None
+    assert summary["eval_after_rl"]["format_rate"] == 0.0
+
+
+def test_without_named_functions_no_accuracy_is_reported_and_unscorable_completions_train(tiny_model_dir, tmp_path):
+    data = plain_parquet(tmp_path / "train.parquet")
+    run = tmp_path / "unnamed"
+    summary = train(load_config(base_overrides(
+        tiny_model_dir, run, f"task.kwargs.train_file={data}", "task.eval_split=train", "trainer.steps=3",
+        f"task.kwargs.reward_funcs=[{WILD}:length_unless_divisible]",
+    )))
+    steps = step_metrics(run)
+    assert len(steps) == 3 and summary["rl_steps"] == 3
+    for row in steps:
+        assert "reward/accuracy" not in row and "reward/format_rate" not in row
+        assert "reward/formatted_but_wrong" not in row and row["reward/errors"] == 0.0
+    # completions the only function returned None for: not applicable, left out of the mean, not an error
+    assert sum(row["reward/not_applicable"] for row in steps) > 0
+    assert summary["accuracy_before_rl"] is None and summary["accuracy_after_rl"] is None
+    assert summary["eval_after_rl"]["format_rate"] is None and summary["eval_after_rl"]["mean_reward"] is not None
+    assert "accuracy not reported" in summary_lines(summary)[0]
+    assert summary["reward_errors"] == {}

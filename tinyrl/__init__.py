@@ -5,7 +5,7 @@ Research-code entry points (imported lazily, so `import tinyrl` stays light):
   packaged defaults as `tinyrl-train`); returns the summary.
 - `tinyrl.load_config(overrides)`: the config `tinyrl-train OVERRIDES` runs, without the command line.
 - `tinyrl.RLTrainer`: the RL loop over objects you built yourself.
-- `tinyrl.get_task`, `tinyrl.register_task`, `tinyrl.Reward`: tasks.
+- `tinyrl.get_task`, `tinyrl.register_task`, `tinyrl.Reward`, `tinyrl.TaskError`: tasks.
 """
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ _LAZY = {
     "get_task": ("tinyrl.task", "get_task"),
     "register_task": ("tinyrl.task", "register_task"),
     "Reward": ("tinyrl.task", "Reward"),
+    "TaskError": ("tinyrl.task", "TaskError"),
 }
 
 

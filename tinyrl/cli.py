@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tinyrl.config import ConfigError, register_configs
+from tinyrl.task import TaskError
 
 CONFIG_PATH = "pkg://tinyrl.conf"
 CONFIG_ERROR_STATUS = 2
@@ -27,12 +28,16 @@ CONFIG_ERROR_STATUS = 2
 
 @contextmanager
 def _reported(prog: str) -> Iterator[None]:
-    """A ConfigError becomes one line and exit status 2; Ctrl-C or SIGTERM says what was kept, status 130; a run
-    stopped because its rewards kept failing, status 1 (its errors were printed as they happened)."""
+    """A ConfigError or a TaskError (a task or its data that cannot work) becomes one line and exit status 2;
+    Ctrl-C or SIGTERM says what was kept, status 130; a run stopped because its rewards kept failing, status 1 (its
+    errors were printed as they happened)."""
     try:
         yield
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_STATUS)
+    except TaskError as err:
+        print(f"{prog}: {err.config_line()}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_STATUS)
     except KeyboardInterrupt as stop:
         print(f"{prog}: {stop or 'interrupted'}", file=sys.stderr)
@@ -86,9 +91,9 @@ def _train(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
 
     with _reported("tinyrl-train"):
-        accuracy = float(train(cfg).get("accuracy_after_rl", 0.0))
+        accuracy = train(cfg).get("accuracy_after_rl")
     shutdown_world()
-    return accuracy
+    return float("nan") if accuracy is None else float(accuracy)  # a sweeper's objective
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sft", version_base=None)
@@ -97,9 +102,9 @@ def _sft(cfg: DictConfig) -> float:
     from tinyrl.experiment import train
 
     with _reported("tinyrl-sft"):
-        accuracy = float(train(cfg).get("accuracy_after_rl", 0.0))
+        accuracy = train(cfg).get("accuracy_after_rl")
     shutdown_world()
-    return accuracy
+    return float("nan") if accuracy is None else float(accuracy)
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:

@@ -21,7 +21,9 @@ __all__ = ["compose", "load_config", "config_from_dict", "override_keys", "dict_
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The packaged config `config_name` (train, sft, eval, data) with Hydra overrides applied.
 
-    Hydra's errors become a one-line `ConfigError` naming the override or key.
+    Hydra's errors become a one-line `ConfigError` naming the override or key. A task argument the task preset does
+    not list (`task.kwargs.NAME=VALUE` without Hydra's `+`) is added: the task itself says, when it is built,
+    whether it takes that argument.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -35,9 +37,26 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     except Exception as err:
         if type(err).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
-        raise ConfigError(_one_line(err)) from err
+        added = _task_argument_added(overrides, err)
+        if added is None:
+            raise ConfigError(_one_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
+    return compose(config_name, added)
+
+
+def _task_argument_added(overrides: Sequence[str], err: BaseException) -> list[str] | None:
+    """`overrides` with `+` before the `task.kwargs.NAME=...` override Hydra refused as a new key, or None."""
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
+    if not key or not str(key).startswith("task.kwargs.") or "not in struct" not in str(cause or err):
+        return None
+    out, found = [], False
+    for override in overrides:
+        if not found and override.split("=", 1)[0] == key:
+            override, found = f"+{override}", True
+        out.append(override)
+    return out if found else None
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> TrainConfig:

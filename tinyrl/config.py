@@ -92,9 +92,9 @@ class RolloutConfig:
     enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decoding)
     dtype: str = "auto"  # auto: the trainer's dtype (model.dtype) | float32 | bfloat16 | float16
     sleep_level: Optional[int] = None  # colocated, GPU only: 1 or 2 frees vLLM's memory during each update
-    kv_cache_memory_bytes: Optional[int] = None  # KV cache size; null sizes it from gpu_memory_utilization
+    kv_cache_memory_bytes: Optional[int] = None  # KV cache size; null: from gpu_memory_utilization (GPU), 256 MiB (CPU)
     server_url: Optional[str] = None  # server layout: a running server; null starts one for this run
-    server_devices: Optional[str] = None  # server layout, started here: its CUDA_VISIBLE_DEVICES (e.g. "0")
+    server_devices: Optional[str] = None  # server layout, started here: its GPUs as this process numbers them ("0")
     weight_sync: str = "disk"  # server layout: disk (safetensors + reload, any device) | nccl (GPU broadcast)
 
 

@@ -152,10 +152,21 @@ def _seconds(elapsed: float) -> str:
 
 
 def held_out_line(when: str, result: Mapping[str, Any]) -> str:
-    """`held-out accuracy before RL: 0.256 on 500 problems (greedy; pass@8 0.610)`."""
+    """`held-out accuracy before RL: 0.256 on 500 problems (greedy; pass@8 0.610)`; the mean reward instead when
+    the rewards do not say whether an answer is right (accuracy not reported)."""
     passes = sorted(result.get("pass@k", {}).items(), key=lambda kv: int(kv[0]))
     extra = "".join(f"; pass@{k} {v:.3f}" for k, v in passes)
+    if result.get("accuracy") is None:
+        return (f"held-out mean reward {when}: {_figure(result.get('mean_reward'))} on {result['n_problems']} "
+                f"problems (greedy; accuracy not reported: {NO_ACCURACY})")
     return f"held-out accuracy {when}: {result['accuracy']:.3f} on {result['n_problems']} problems (greedy{extra})"
+
+
+NO_ACCURACY = "no reward that ran says whether an answer is right"
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -165,7 +176,12 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     n, split, steps = summary["eval_problems"], summary.get("eval_split", "test"), summary["rl_steps"]
     took = format_duration(summary.get("wall_seconds", 0.0))
     before, after = summary["accuracy_before_rl"], summary["accuracy_after_rl"]
-    if steps:
+    if after is None:  # the rewards do not judge correctness: the mean reward is what there is to show
+        before = summary.get("eval_before_rl", {}).get("mean_reward")
+        after = summary.get("eval_after_rl", {}).get("mean_reward")
+        first = (f"held-out mean reward {_figure(before)} -> {_figure(after)} on {n} {split} problems after {steps} "
+                 f"RL steps (accuracy not reported: {NO_ACCURACY}); {took} in all")
+    elif steps:
         first = (
             f"held-out accuracy {before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points) on {n} {split} "
             f"problems after {steps} RL steps; {took} in all"
@@ -177,6 +193,15 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"every figure is in {run / 'summary.json'}"
     )
     lines = [first]
+    failures = summary.get("reward_errors") or {}
+    if failures.get("failed") or failures.get("printed"):
+        parts = []
+        if failures.get("failed"):
+            timeouts = f", {failures['timeouts']} of them timeouts" if failures.get("timeouts") else ""
+            parts.append(f"{failures['failed']} rewards failed and scored 0{timeouts}")
+        if failures.get("printed"):
+            parts.append(f"reward code printed {failures['printed']} lines that look like errors")
+        lines.append(f"{' and '.join(parts)} during this run; every one is in {failures['file']}")
     baseline = summary.get("baseline")
     if baseline:
         lines.append(

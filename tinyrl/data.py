@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tinyrl.task import SPLITS, Task, get_task
+from tinyrl.task import SPLITS, Task, TaskError, TaskFileNotFound, get_task
 
 __all__ = [
     "FORMATS",
@@ -78,7 +78,7 @@ def from_verl_rows(rows: list[dict]) -> list[dict]:
 def _format_of(path: Path) -> str:
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .parquet or .jsonl")
+        raise TaskError(f"{path}: unknown file type {path.suffix!r}; use .parquet or .jsonl")
     return fmt
 
 
@@ -125,11 +125,12 @@ def _write_parquet(tmp: Path, rows: list[dict], path: Path) -> None:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows from a .parquet or .jsonl file; errors name the file (and the line for JSONL)."""
+    """Rows from a .parquet or .jsonl file. Errors are one line naming the file (and the line for JSONL):
+    `TaskFileNotFound` (a FileNotFoundError) or `TaskError` (a ValueError)."""
     path = Path(path)
     fmt = _format_of(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise TaskFileNotFound(f"{path}: no such file")
     if fmt == "jsonl":
         return _read_jsonl(path)
     import pyarrow as pa
@@ -138,7 +139,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable parquet file ({exc})") from exc
+        detail = " ".join(str(exc).split())
+        raise TaskError(f"{path}: not a readable parquet file ({detail})") from exc
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -150,9 +152,11 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+                raise TaskError(f"{path}: line {line_no}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "each line must be one JSON object") from exc
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise TaskError(f"{path}: line {line_no}: expected a JSON object ({{\"column\": value, ...}}), "
+                                f"got {type(row).__name__}")
             rows.append(row)
     return rows
 

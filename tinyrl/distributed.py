@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tinyrl import devices
 from tinyrl.devices import resolve_device
 
 log = logging.getLogger("tinyrl")
@@ -320,23 +321,38 @@ class World:
                 unit.set_reshard_after_forward(not is_root, recurse=False)  # as `shard` set them
                 unit.reshard()
 
-    def full_weights(self, model) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """`(hf_name, full tensor)` for every entry of the model's state dict, gathered one tensor at a time.
 
         Every rank receives every tensor (for per-rank rollout engines' `load_weights`); names are Hugging
-        Face names, and a tied `lm_head.weight` is included. Must be consumed to the end on every rank, in
-        step: each tensor is a collective. In a world of one the model's own tensors are yielded (no copy).
+        Face names. A tensor shared under two names is yielded once, under the name that comes first (a tied
+        `lm_head.weight` is left out: it is the embedding, and vLLM skips it too). `dtype` (e.g. the compute
+        dtype) casts each shard before it is gathered, which halves the traffic from float32 master weights to
+        bf16. Must be consumed to the end on every rank, in step: each tensor is a collective. In a world of one
+        the model's own tensors are yielded (no copy unless cast).
+
+        It first waits for the device's queued work: the consumer (a vLLM engine thread, an NCCL sender) reads
+        on streams of its own, which do not wait for the optimizer's kernels on this thread's stream.
         """
         from torch.distributed.tensor import DTensor
 
+        from tinyrl.models import tied_aliases
+
+        devices.synchronize(self.device)
+        aliases = tied_aliases(model)
         for name, tensor in model.state_dict().items():
+            if name in aliases:
+                continue
             if isinstance(tensor, DTensor):
-                if tensor.device.type != self.device.type:  # CPU-offloaded shards travel over the device's backend
-                    tensor = DTensor.from_local(
-                        tensor.to_local().to(self.device), tensor.device_mesh, tensor.placements,
-                        shape=tensor.shape, stride=tensor.stride(),
-                    )
-                tensor = tensor.full_tensor()
+                local = tensor.to_local()
+                if local.device.type != self.device.type:  # CPU-offloaded shards travel over the device's backend
+                    local = local.to(self.device)
+                if dtype is not None:
+                    local = local.to(dtype)
+                tensor = DTensor.from_local(local, tensor.device_mesh, tensor.placements, shape=tensor.shape,
+                                            stride=tensor.stride()).full_tensor()
+            elif dtype is not None:
+                tensor = tensor.to(dtype)
             yield name, tensor.detach()
 
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
@@ -542,26 +558,36 @@ def shutdown_world() -> None:
     _WORLD = None
 
 
+def process_group_backend(device_type: str) -> str:
+    """The default process group's backends: NCCL for CUDA tensors and gloo for CPU tensors on a GPU run.
+
+    CPU tensors take part in collectives there too: with `distributed.cpu_offload` the sharded gradients live in
+    CPU memory, and the gradient norm that `clip_grad_norm_` computes over their DTensors is all-reduced where
+    they are; a group with NCCL alone fails that ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init_world(device: str = "auto", timeout_s: float = 1800.0) -> World:
     """The world of this process: torchrun's process group when launched by torchrun, else one process.
 
-    Under torchrun it joins the process group once (NCCL on GPUs, gloo on CPUs; every collective times out
-    after `timeout_s`), checks that the group has the size torchrun announced, and pins this rank's GPU.
-    Later calls return the same world.
+    Under torchrun it joins the process group once (`process_group_backend`; every collective times out after
+    `timeout_s`), checks that the group has the size torchrun announced, and pins this rank's GPU. A single
+    process on a GPU makes its device the current one too. Later calls return the same world.
     """
     global _WORLD
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        return World(device=resolve_device(device))
+        target = resolve_device(device)
+        devices.use_device(target)  # `device=cuda:1` (the server layout's trainer): current in this thread too
+        return World(device=target)
     if _WORLD is not None:
         return _WORLD
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = _rank_device(device, local_rank, size)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if target.type == "cuda":
-        torch.cuda.set_device(target)
+    devices.use_device(target)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group(process_group_backend(target.type), timeout=timeout)
     if dist.get_world_size() != size or dist.get_rank() != rank:
         raise RuntimeError(
             f"torchrun announced rank {rank} of {size}, but the process group has rank {dist.get_rank()} of "

@@ -5,7 +5,10 @@
 reports; `write_eval_samples` / `write_eval_results` write them, with a sample of completions, to the run
 directory. `evaluate_policy` is all three on one problem set. The trainer runs `sample_eval` on each rank's share
 and summarises them all; `tinyrl-eval` (tinyrl/eval_checkpoint.py) runs `evaluate_policy` on a saved checkpoint.
-Accuracy counts only `Reward.correct`: a format bonus can raise `mean_reward` but never `accuracy`.
+Accuracy counts only `Reward.correct`: a format bonus can raise `mean_reward` but never `accuracy`. A figure the
+rewards cannot speak for is None, "not reported" (accuracy when no reward judges correctness, as with TRL reward
+functions none of which is named the correctness signal); rewards that do not apply are left out of every figure
+(`tinyrl.task.reward_rates`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 
 from tinyrl.monitor import call_with_timeout
 from tinyrl.rollout import SamplingConfig
+from tinyrl.task import reward_rates
 
 if TYPE_CHECKING:
     from tinyrl.task import Reward
@@ -189,13 +193,16 @@ def summarize_eval(
     if ks and rewards_sampled is None:
         raise ValueError(f"summarize_eval: pass@k for ks={ks} needs rewards_sampled (n samples per problem)")
 
+    greedy = reward_rates(rewards_greedy)
     summary: dict[str, Any] = {
         "n_problems": len(rewards_greedy),
-        "accuracy": _mean([1.0 if r.correct else 0.0 for r in rewards_greedy]),
-        "mean_reward": _mean([float(r.score) for r in rewards_greedy]),
-        "format_rate": _mean([1.0 if r.formatted else 0.0 for r in rewards_greedy]),
+        "accuracy": greedy["accuracy"],
+        "mean_reward": greedy["mean_reward"],
+        "format_rate": greedy["format_rate"],
         "pass@k": {},
     }
+    if greedy["not_applicable"]:
+        summary["not_applicable"] = int(greedy["not_applicable"])
 
     if rewards_sampled is not None:
         if len(rewards_sampled) != len(rewards_greedy):
@@ -207,9 +214,13 @@ def summarize_eval(
             if len(samples) == 0:
                 raise ValueError(f"summarize_eval: rewards_sampled[{i}] is empty; each problem needs n >= 1 samples")
             _check_rewards(samples, f"rewards_sampled[{i}]")
+        flat = [r for samples in rewards_sampled for r in samples]
+        sampled = reward_rates(flat)
         for k in ks:
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
                 raise ValueError(f"summarize_eval: every k in ks must be an int >= 1, got {k!r}")
+            if sampled["accuracy"] is None:
+                continue  # no reward says whether an answer is right: pass@k is not reported either
             per_problem = []
             for i, samples in enumerate(rewards_sampled):
                 if k > len(samples):
@@ -219,9 +230,8 @@ def summarize_eval(
                     )
                 per_problem.append(pass_at_k(len(samples), sum(1 for r in samples if r.correct), k))
             summary["pass@k"][int(k)] = _mean(per_problem)
-        flat = [r for samples in rewards_sampled for r in samples]
-        summary["sampled_accuracy"] = _mean([1.0 if r.correct else 0.0 for r in flat])
-        summary["sampled_mean_reward"] = _mean([float(r.score) for r in flat])
+        summary["sampled_accuracy"] = sampled["accuracy"]
+        summary["sampled_mean_reward"] = sampled["mean_reward"]
 
     if response_lengths is not None:
         if len(response_lengths) != len(rewards_greedy):
@@ -280,8 +290,8 @@ def write_eval_results(
                 "prompt": prompt,
                 "completion": completion,
                 "score": float(reward.score),
-                "correct": bool(reward.correct),
-                "formatted": bool(reward.formatted),
+                "correct": reward.correct if reward.correct is None else bool(reward.correct),
+                "formatted": reward.formatted if reward.formatted is None else bool(reward.formatted),
             }
             for prompt, completion, reward in list(zip(prompts, completions, rewards))[:max_samples]
         ],

@@ -304,6 +304,8 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
            started: float) -> dict:
     """Write the final checkpoint, `curves.png` (when the trainer closes) and `summary.json` (rank 0); return the
     summary."""
+    from tinyrl.reward_report import reward_error_summary
+
     summary.update(
         accuracy_after_rl=after["accuracy"],
         eval_after_rl=after,
@@ -313,6 +315,7 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
         wall_seconds=summary.get("wall_seconds", 0.0) + (time.perf_counter() - started),
         cpu_seconds=_cpu_seconds(),
         run_dir=str(trainer.run_dir),
+        reward_errors=reward_error_summary(trainer.run_dir),  # {} when no reward failed or printed an error
     )
     summary = trainer.world.broadcast(summary)  # rank 0's clock
     trainer.extra_state["summary"] = summary

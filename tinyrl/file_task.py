@@ -10,11 +10,15 @@ Rows are used as they are in the file. The default column names follow the veRL 
 and plain columns are named in the arguments (``prompt_key="question", answer_key="answer"``); a dotted key reads
 inside a struct column (``reward_model.ground_truth``, ``extra_info.split``). Splits come from one file each
 (``train_file``, ``validation_file``, ``test_file``) or from a column of one file (``split_key``). Every row is
-checked when the task is built, so a bad row is reported (file, row, column) before any model loads.
+checked when the task is built, so a bad row is reported (file, row, column) before any model loads: its prompt, its
+ground truth (for veRL and tinyrl scoring), and every column a TRL reward function cannot be called without (by its
+signature). Rows count from 0, as pandas and `datasets` number them. Errors are `tinyrl.task.TaskError`: one line.
 
 Exactly one way of scoring:
 
 - ``reward_funcs`` (+ ``reward_weights``): TRL reward functions (see `tinyrl.reward_adapters.TRLRewards`);
+  ``correct_from`` names the one whose value (>= ``correct_score``) says an answer is right, ``formatted_from`` the
+  one whose value (> 0) says it is in the expected format; accuracy and the format rate are not reported without;
 - ``compute_score`` (+ ``reward_kwargs``): a veRL ``compute_score`` (see `VerlComputeScore`);
 - ``verifier`` (+ ``verifier_kwargs``): a tinyrl task by name, whose ``reward(completion, ground_truth)`` scores the
   row's ground truth (a dict, as written by ``tinyrl-data``, or ``{"ground_truth": value}``); the default when no
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tinyrl.reward_adapters import TRLRewards, VerlComputeScore
-from tinyrl.task import SPLITS, Reward, get_task, register_task
+from tinyrl.task import SPLITS, Reward, TaskError, TaskFileNotFound, available_tasks, get_task, register_task
 
 __all__ = ["FileTask", "read_split_files", "get_path"]
 
@@ -76,16 +80,26 @@ def read_split_files(files: Mapping[str, str | None], split_key: str | None) -> 
     for split, path in files.items():
         if path is None:
             continue
-        rows = read_rows(path)
+        try:
+            rows = read_rows(path)
+        except TaskError as err:
+            err.key = err.key or f"kwargs.{split}_file"
+            raise
         if split_key is None:
             out.setdefault(split, []).extend((str(path), i, row) for i, row in enumerate(rows))
             continue
         for i, row in enumerate(rows):
             value = get_path(row, split_key, None)
             if value not in SPLITS:
-                raise ValueError(f"{path}: row {i}: column {split_key!r} is {value!r}; expected one of {SPLITS}")
+                raise TaskError(f"{path}: row {i}: column {split_key!r} is {value!r}; expected one of "
+                                f"{', '.join(SPLITS)}", key="kwargs.split_key")
             out.setdefault(value, []).append((str(path), i, row))
     return out
+
+
+def _verifier_key(key: str | None) -> str:
+    """The file task's setting behind a verifier task's: its name is `verifier`, its arguments `verifier_kwargs`."""
+    return f"kwargs.verifier_{key}" if key and key.startswith("kwargs.") else "kwargs.verifier"
 
 
 @register_task("file")
@@ -96,7 +110,8 @@ class FileTask:
     columns (``prompt_key``, ``answer_key``, ``data_source_key``, ``extra_info_key``), prompt additions
     (``instruction``, ``system_prompt``), one way of scoring (``reward_funcs``/``reward_weights``,
     ``compute_score``/``reward_kwargs``, ``verifier``/``verifier_kwargs``), ``correct_score`` (the score that
-    counts as correct), and the generation settings ``stop`` and ``chat_prefix``.
+    counts as correct), ``correct_from``/``formatted_from`` (which TRL function says an answer is right / in
+    format), and the generation settings ``stop`` and ``chat_prefix``.
     """
 
     def __init__(
@@ -118,19 +133,25 @@ class FileTask:
         verifier: str | None = None,
         verifier_kwargs: Mapping | None = None,
         correct_score: float = 1.0,
+        correct_from: str | None = None,
+        formatted_from: str | None = None,
         stop: Sequence[str] = (),
         chat_prefix: str = "",
         name: str = "file",
     ):
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         if all(v is None for v in files.values()):
-            raise ValueError("file task: give train_file (and test_file or validation_file, or split_key)")
+            raise TaskError("file task: give train_file (and test_file or validation_file, or split_key)",
+                            key="kwargs.train_file")
         for split, path in files.items():
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"file task: {split}_file: no file at {path!r}")
+                raise TaskFileNotFound(f"file task: {split}_file: no file at {path!r}", key=f"kwargs.{split}_file")
         if split_key is not None and sum(v is not None for v in files.values()) != 1:
-            raise ValueError("file task: split_key splits one file; give exactly one of train_file, validation_file, "
-                             "test_file with it")
+            raise TaskError("file task: split_key splits one file; give exactly one of train_file, validation_file, "
+                            "test_file with it", key="kwargs.split_key")
+        if (correct_from or formatted_from) and not reward_funcs:
+            raise TaskError("file task: correct_from and formatted_from name TRL reward functions; give them with "
+                            "reward_funcs", key="kwargs.correct_from" if correct_from else "kwargs.formatted_from")
         self.files = {k: str(Path(v).resolve()) if v is not None else None for k, v in files.items()}
         self.split_key = split_key
         self.prompt_key, self.answer_key = prompt_key, answer_key
@@ -138,42 +159,64 @@ class FileTask:
         self.instruction, self.system_prompt = instruction, system_prompt
         self.stop, self.chat_prefix, self.name = tuple(stop), chat_prefix, name
         self._splits = read_split_files(self.files, split_key)
+        self._file_keys = {path: f"kwargs.{split}_file" for split, path in self.files.items() if path is not None}
         self._scorer = self._build_scorer(
-            reward_funcs, reward_weights, compute_score, reward_kwargs, verifier, verifier_kwargs, correct_score
+            reward_funcs, reward_weights, compute_score, reward_kwargs, verifier, verifier_kwargs, correct_score,
+            correct_from, formatted_from,
         )
         self._check_rows()
+        if isinstance(self._scorer, TRLRewards) and correct_from is None:
+            log.info("file task: accuracy is not reported: TRL reward functions do not say whether an answer is "
+                     "right; name the one that does with task.kwargs.correct_from=NAME (one of %s)",
+                     ", ".join(self._scorer.names))
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
     def _build_scorer(self, reward_funcs, reward_weights, compute_score, reward_kwargs, verifier, verifier_kwargs,
-                      correct_score):
+                      correct_score, correct_from=None, formatted_from=None):
         given = [k for k, v in (("reward_funcs", reward_funcs), ("compute_score", compute_score),
                                 ("verifier", verifier)) if v]
         if type(self)._score is not FileTask._score:  # a subclass scores the rows itself
             if given:
-                raise ValueError(f"task {self.name!r} scores answers itself; it takes no {', '.join(given)}")
+                raise TaskError(f"task {self.name!r} scores answers itself; it takes no {', '.join(given)}",
+                                key=f"kwargs.{given[0]}")
             return None
         if len(given) > 1:
-            raise ValueError(f"file task: give one way of scoring, not {' and '.join(given)}")
+            raise TaskError(f"file task: give one way of scoring, not {' and '.join(given)}", key=f"kwargs.{given[1]}")
         if reward_weights is not None and not reward_funcs:
-            raise ValueError("file task: reward_weights needs reward_funcs")
+            raise TaskError("file task: reward_weights needs reward_funcs", key="kwargs.reward_weights")
         if reward_kwargs and not compute_score:
-            raise ValueError("file task: reward_kwargs needs compute_score")
+            raise TaskError("file task: reward_kwargs needs compute_score", key="kwargs.reward_kwargs")
         if reward_funcs:
-            return TRLRewards(reward_funcs, reward_weights, correct_score, where="task.kwargs.reward_funcs")
+            return TRLRewards(reward_funcs, reward_weights, correct_score, where="task.kwargs.reward_funcs",
+                              correct_from=correct_from, formatted_from=formatted_from, key="kwargs.reward_funcs")
         if compute_score:
-            return VerlComputeScore(compute_score, reward_kwargs, correct_score, where="task.kwargs.compute_score")
+            return VerlComputeScore(compute_score, reward_kwargs, correct_score, where="task.kwargs.compute_score",
+                                    key="kwargs.compute_score")
         if verifier:
-            return {None: get_task(verifier, **dict(verifier_kwargs or {}))}
-        sources = sorted({str(get_path(row, self.data_source_key, "")) for rows in self._splits.values()
-                          for _, _, row in rows})
-        try:
-            return {source: get_task(source, **dict(verifier_kwargs or {})) for source in sources}
-        except (ValueError, TypeError) as exc:
-            raise ValueError(
-                f"file task: no way of scoring given (reward_funcs, compute_score or verifier), and the rows' "
-                f"{self.data_source_key!r} values {sources[:5]} do not all name a tinyrl task ({exc})"
-            ) from None
+            try:
+                return {None: get_task(verifier, **dict(verifier_kwargs or {}))}
+            except TaskError as err:
+                err.key = _verifier_key(err.key)
+                raise
+        scorers: dict[str | None, Any] = {}
+        for rows in self._splits.values():
+            for path, i, row in rows:
+                source = str(get_path(row, self.data_source_key, ""))
+                if source in scorers:
+                    continue
+                try:
+                    scorers[source] = get_task(source, **dict(verifier_kwargs or {}))
+                except TaskError as err:
+                    if err.key != "name":
+                        err.key = _verifier_key(err.key)
+                        raise
+                    raise TaskError(
+                        f"{path}: row {i}: column {self.data_source_key!r} is {source!r}, which names no tinyrl "
+                        f"task to score with (tasks: {', '.join(available_tasks())}); give the reward code as "
+                        f"task.kwargs.compute_score, task.kwargs.reward_funcs or task.kwargs.verifier", key=None,
+                    ) from None
+        return scorers
 
     def prepare_worker(self) -> None:
         """Load the reward functions in a worker process before the first sample (errors show at start-up)."""
@@ -202,25 +245,45 @@ class FileTask:
 
     def _check_rows(self) -> None:
         needs_answer = self.answer_key is not None and not isinstance(self._scorer, TRLRewards)
+        if isinstance(self._scorer, VerlComputeScore):  # by its signature: a scorer without ground_truth needs none
+            needs_answer = needs_answer and "ground_truth" in self._scorer.arguments
+        needed = self._scorer.needed_columns() if isinstance(self._scorer, TRLRewards) else {}
+        for function, columns in needed.items():
+            passed_otherwise = sorted(set(columns) & {self.prompt_key, "prompt", "completion"})
+            if passed_otherwise:
+                raise TaskError(f"reward function {function!r} takes {passed_otherwise[0]!r} without a default, and "
+                                "no such argument is passed: the prompt comes as 'prompts', the completion as "
+                                "'completions'", key="kwargs.reward_funcs")
         for rows in self._splits.values():
             for path, i, row in rows:
-                where = f"{path}: row {i}"
+                where, key = f"{path}: row {i}", self._file_keys.get(path)
                 if self.prompt_key not in row:
-                    raise ValueError(f"{where}: no column {self.prompt_key!r} (prompt_key); columns: {sorted(row)}")
+                    raise TaskError(f"{where}: no column {self.prompt_key!r}; columns: {', '.join(sorted(row))} (set "
+                                    "task.kwargs.prompt_key to the column that holds the prompt)", key=key)
                 problem = _check_prompt(row[self.prompt_key])
                 if problem:
-                    raise ValueError(f"{where}: column {self.prompt_key!r} {problem}")
+                    raise TaskError(f"{where}: column {self.prompt_key!r} {problem}", key=key)
+                for function, columns in needed.items():
+                    for column in columns:
+                        if column not in row:
+                            raise TaskError(
+                                f"{where}: no column {column!r}, which reward function {function!r} takes (it has "
+                                f"no default); columns: {', '.join(sorted(row))}", key=key)
                 if needs_answer:
                     truth = get_path(row, self.answer_key, _MISSING)
                     if truth is _MISSING:
-                        raise ValueError(f"{where}: no column {self.answer_key!r} (answer_key); columns: {sorted(row)}")
+                        raise TaskError(f"{where}: no column {self.answer_key!r}; columns: {', '.join(sorted(row))} "
+                                        "(set task.kwargs.answer_key to the column that holds the ground truth)",
+                                        key=key)
                     problem = self._check_answer(truth)
                     if problem:
-                        raise ValueError(f"{where}: column {self.answer_key!r} {problem}")
+                        raise TaskError(f"{where}: column {self.answer_key!r} {problem}", key=key)
 
     def _check_answer(self, truth: Any) -> str | None:
         """Why a ground truth cannot be scored against, or None (subclasses check more)."""
-        return "is empty" if truth is None or (isinstance(truth, str) and not truth.strip()) else None
+        if truth is None or (isinstance(truth, str) and not truth.strip()):
+            return f"is {'null' if truth is None else 'empty'}; every row needs a ground truth to score answers against"
+        return None
 
     def dataset(self, split: str, size: int, seed: int) -> list[dict]:
         """Up to ``size`` rows of ``split`` in an order fixed by ``seed`` (all of them when the file has fewer)."""
@@ -231,7 +294,8 @@ class FileTask:
         rows = self._splits.get(split)
         if not rows:
             how = f"column {self.split_key!r} has no {split!r} rows" if self.split_key else f"no {split}_file given"
-            raise ValueError(f"file task: no {split} problems ({how}); set task.kwargs.{split}_file or task.eval_split")
+            raise TaskError(f"file task: no {split} problems ({how}); set task.kwargs.{split}_file or "
+                            "task.eval_split", key=f"kwargs.{split}_file")
         order = list(range(len(rows)))
         random.Random(f"file|{split}|{seed}").shuffle(order)
         if size > len(rows):

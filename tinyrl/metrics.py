@@ -281,6 +281,14 @@ def _first_logged_length(path: Path) -> float | None:
         return None
 
 
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
 def write_samples(
     run_dir: str | os.PathLike,
     step: int,
@@ -321,12 +329,15 @@ def write_samples(
     jsonl_path = run_dir / SAMPLES_JSONL
     md_path = run_dir / SAMPLES_MD
 
-    signals: dict[str, float] = {
+    from tinyrl.task import reward_rates
+
+    rates = reward_rates(rewards)  # None where the rewards cannot speak for a figure (shown as n/a)
+    signals: dict[str, float | None] = {
         "n": n,
-        "accuracy": sum(bool(r.correct) for r in rewards) / n,
-        "format_rate": sum(bool(r.formatted) for r in rewards) / n,
-        "formatted_wrong_rate": sum(bool(r.formatted) and not r.correct for r in rewards) / n,
-        "mean_reward": sum(float(r.score) for r in rewards) / n,
+        "accuracy": rates["accuracy"],
+        "format_rate": rates["format_rate"],
+        "formatted_wrong_rate": rates["formatted_but_wrong"],
+        "mean_reward": rates["mean_reward"],
         "length_mean_chars": sum(len(c) for c in completions) / n,
     }
     if response_lengths is not None:
@@ -344,8 +355,8 @@ def write_samples(
             "prompt": prompts[i],
             "completion": completions[i],
             "score": float(rewards[i].score) if math.isfinite(float(rewards[i].score)) else None,
-            "correct": bool(rewards[i].correct),
-            "formatted": bool(rewards[i].formatted),
+            "correct": None if rewards[i].correct is None else bool(rewards[i].correct),
+            "formatted": None if rewards[i].formatted is None else bool(rewards[i].formatted),
             **({"length_tokens": int(response_lengths[i])} if response_lengths is not None else {}),
         }
         for i in indices
@@ -365,8 +376,8 @@ def write_samples(
     lines += [
         f"## step {int(step)}",
         "",
-        f"accuracy {signals['accuracy']:.3f} · format rate {signals['format_rate']:.3f} · "
-        f"formatted but wrong {signals['formatted_wrong_rate']:.3f} · mean reward {signals['mean_reward']:.3f} · "
+        f"accuracy {_shown(signals['accuracy'])} · format rate {_shown(signals['format_rate'])} · "
+        f"formatted but wrong {_shown(signals['formatted_wrong_rate'])} · mean reward {_shown(signals['mean_reward'])} · "
         f"mean length {signals['length_mean_chars']:.1f} chars{tokens} "
         f"({signals['length_ratio_to_first']:.2f}× the first logged step) · {n} completions",
         "",
@@ -374,8 +385,8 @@ def write_samples(
     for row in rows:
         score = "null" if row["score"] is None else f"{row['score']:.3g}"
         lines += [
-            f"### completion {row['index']} · score {score} · correct {'yes' if row['correct'] else 'no'} · "
-            f"formatted {'yes' if row['formatted'] else 'no'}",
+            f"### completion {row['index']} · score {score} · correct {_yes_no(row['correct'])} · "
+            f"formatted {_yes_no(row['formatted'])}",
             "",
             "prompt (end):",
             *_fenced(_shortened(row["prompt"], max_chars // 2, keep="tail")),

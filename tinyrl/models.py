@@ -41,8 +41,10 @@ __all__ = [
     "build_tiny_model",
     "count_parameters",
     "enable_activation_checkpointing",
+    "float32_master_weights",
     "load_critic",
     "load_policy",
+    "tied_aliases",
     "train_tokenizer",
 ]
 
@@ -143,8 +145,12 @@ def build_tiny_model(
     max_position_embeddings: int = 1024,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
-    """Train a tokenizer on `texts`, build a randomly initialised float32 Qwen2ForCausalLM and save both.
+    """Train a tokenizer on `texts`, build a randomly initialised Qwen2ForCausalLM and save both.
+
+    The weights are initialised in float32 and saved in `dtype` (`bfloat16`, as most published checkpoints are,
+    to check what a run does with such a model).
 
     The checkpoint is written to a temporary directory next to `out_dir` and renamed into place, so a
     reader never sees half a model. `out_dir` may be missing, empty, or an earlier model directory (which
@@ -163,6 +169,8 @@ def build_tiny_model(
         _check_positive_int(name, value)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     if hidden_size // num_heads < MIN_HEAD_DIM:
@@ -194,12 +202,13 @@ def build_tiny_model(
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        dtype="float32",
+        dtype=dtype,
     )
     # A private RNG stream: building a model must not move the caller's global torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
+        model = Qwen2ForCausalLM(config).to(torch.float32)  # the same initial values whatever `dtype`
+    model.to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=[eos_id, im_end_id],
         pad_token_id=eos_id,
@@ -228,8 +237,9 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local model directory or a hub name.
 
-    `dtype=None` keeps the dtype stored in the checkpoint. The tokenizer pads on the left (prompts are
-    right-aligned for generation) and falls back to its eos token when it has no pad token.
+    `dtype=None` loads float32 whatever the checkpoint holds: the weights a trainer updates (see
+    `float32_master_weights`); pass the compute dtype for a frozen copy. The tokenizer pads on the left (prompts
+    are right-aligned for generation) and falls back to its eos token when it has no pad token.
     """
     source = _model_source(path, need_tokenizer=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -271,7 +281,7 @@ def load_critic(
     From a causal LM checkpoint the backbone is copied and the new `score` head starts at zero, so the
     first values are all 0 and the result is deterministic. A directory that already holds a
     token-classification checkpoint (a saved critic) is loaded as it is. Dropout before the head is off.
-    The model returns logits of shape [batch, seq, 1].
+    The model returns logits of shape [batch, seq, 1]. `dtype=None` loads float32, as `load_policy` does.
     """
     source = _model_source(path, need_tokenizer=False)
     config = AutoConfig.from_pretrained(source)
@@ -311,6 +321,31 @@ def load_critic(
     return model.to(device)
 
 
+def float32_master_weights(model: PreTrainedModel | None) -> PreTrainedModel | None:
+    """`model` with float32 floating-point parameters and buffers (cast in place when any parameter is not).
+
+    A trained model keeps float32 master weights whatever dtype its checkpoint was saved in (Qwen2.5 ships
+    bfloat16, and transformers' `dtype="auto"` keeps it): bfloat16 resolves relative changes of 2^-8 only, so
+    AdamW steps of ~lr = 1e-6 on weights of ~1e-2 round to nothing and the run silently does not learn. Compute
+    may still be bf16 (autocast, or FSDP's mixed precision). None passes through.
+    """
+    if model is not None and any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model.to(torch.float32)
+    return model
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied `lm_head.weight`): every name of a shared
+    parameter but the first in module order."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
+
+
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of distinct parameter elements in `model` (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -324,7 +359,8 @@ class _DropLoadReport(logging.Filter):
 def _load_kwargs(dtype: torch.dtype | None, attn_implementation: str | None) -> dict:
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
-    kwargs: dict = {"dtype": dtype if dtype is not None else "auto"}
+    # not transformers' own default ("auto": the checkpoint's dtype, bfloat16 for most published models)
+    kwargs: dict = {"dtype": dtype if dtype is not None else torch.float32}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return kwargs

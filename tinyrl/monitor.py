@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from tinyrl import devices
+
 __all__ = [
     "DEFAULT_MEMORY_KNOBS",
     "TrainingError",
@@ -38,9 +40,9 @@ T = TypeVar("T")
 # Config keys that lower peak memory, in the order worth trying.
 DEFAULT_MEMORY_KNOBS: tuple[str, ...] = (
     "trainer.micro_batch_tokens",
-    "trainer.gradient_checkpointing",
+    "model.gradient_checkpointing",
     "rollout.gpu_memory_utilization",
-    "data.max_response_tokens",
+    "rollout.max_response_tokens",
     "trainer.prompts_per_step",
 )
 
@@ -190,9 +192,10 @@ class NonFiniteGuard:
 def call_with_timeout(fn: Callable[..., T], timeout_s: float, what: str, *args: Any, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` in a daemon thread; raise TimeoutError naming `what` if it overruns `timeout_s`.
 
-    The result or the exception of `fn` is passed through. Python cannot stop a thread, so after a timeout
-    `fn` may still be running in the background: treat whatever it was driving (an engine, a connection)
-    as broken. `timeout_s=math.inf` calls `fn` directly.
+    The result or the exception of `fn` is passed through. The thread gets the caller's context variables and
+    the caller's current CUDA device (CUDA's is per thread, and a new thread starts on device 0). Python cannot
+    stop a thread, so after a timeout `fn` may still be running in the background: treat whatever it was driving
+    (an engine, a connection) as broken. `timeout_s=math.inf` calls `fn` directly.
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise ValueError(f"call_with_timeout: timeout_s for {what!r} must be a number > 0, got {timeout_s!r}")
@@ -201,9 +204,11 @@ def call_with_timeout(fn: Callable[..., T], timeout_s: float, what: str, *args: 
 
     outcome: dict[str, Any] = {}
     context = contextvars.copy_context()
+    device = devices.current_cuda_device()
 
     def target() -> None:
         try:
+            devices.use_device(device)
             outcome["value"] = context.run(fn, *args, **kwargs)
         except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc

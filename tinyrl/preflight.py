@@ -41,6 +41,7 @@ def preflight(cfg: TrainConfig) -> None:
         check_model_available(key, source)
     check_fits_device(cfg)
     check_engine_fits_launch(cfg)
+    check_engine_placement(cfg)
 
 
 def check_optional_components(cfg: TrainConfig) -> None:
@@ -85,7 +86,7 @@ def check_user_code(cfg: TrainConfig) -> None:
         for name in a.loss_kwargs:
             if name not in params:
                 raise ConfigError(f"algorithm.loss_kwargs.{name}: the policy loss {a.policy_loss!r} takes no argument "
-                                  f"{name!r}; its own arguments: {sorted(params)[4:] or 'none'}")
+                                  f"{name!r}; its arguments: {', '.join(params)}")
     if ":" in cfg.rollout.engine:
         try:
             engine_class(cfg.rollout.engine, cfg.rollout.layout)
@@ -101,7 +102,7 @@ def check_model_available(key: str, source: str | None) -> None:
     if reason is not None:
         raise ConfigError(
             f"{key}: {source!r} is not in the local Hugging Face cache and {reason}; pass {key}=/path/to/a/local "
-            f"copy of the model, or download it first where the hub is reachable (huggingface-cli download {source})"
+            f"copy of the model, or download it first where the hub is reachable (hf download {source})"
         )
 
 
@@ -122,14 +123,30 @@ def check_fits_device(cfg: TrainConfig) -> None:
     )
 
 
-def check_engine_fits_launch(cfg: TrainConfig) -> None:
-    """Under torchrun each training rank generates its own share of the prompts; an engine row says what of its
-    layout cannot (`EngineSpec.launch_problem`), e.g. a vLLM server or tensor parallelism."""
+def check_engine_fits_launch(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Under torchrun each training rank generates its own share of the prompts; the engine's row says what of its
+    layout cannot (`EngineSpec.launch_problem`: a vLLM server, or tensor parallelism). `world_size` defaults to
+    torchrun's (`WORLD_SIZE`; 1 without torchrun)."""
     from tinyrl.rollout import engine_spec
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check = engine_spec(cfg.rollout.engine).launch_problem
     problem = check(cfg.rollout, world_size) if check is not None and world_size > 1 else None
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check_engine_placement(cfg: TrainConfig) -> None:
+    """The engine must sample where the config means it to, in one process (torchrun places engines itself): the
+    engine's row says what it cannot (`EngineSpec.placement_problem`, e.g. a colocated vLLM engine on another GPU
+    than the first visible one, or NCCL weight sync between two ranks of one GPU)."""
+    from tinyrl.rollout import engine_spec
+
+    check = engine_spec(cfg.rollout.engine).placement_problem
+    if check is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    problem = check(cfg)
     if problem is not None:
         raise ConfigError(problem)
 

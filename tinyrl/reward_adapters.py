@@ -5,7 +5,11 @@
   prompt), ``trainer_state`` (None here: there is no TRL trainer), ``log_extra`` and ``log_metric``; it returns one
   float per completion or None for "does not apply". Conversational rows (the prompt is a list of messages) get
   completions as ``[{"role": "assistant", "content": text}]``, plain rows as text, as in TRL. Several functions
-  combine like TRL's ``reward_weights``: score = sum_i w_i * r_i over the functions that returned a value.
+  combine like TRL's ``reward_weights``: score = sum_i w_i * r_i over the functions that returned a value; when
+  every function returns None the completion is not applicable (`Reward.not_applicable`: NaN, left out of its
+  group's statistics, zero advantage, as TRL 1.16's GRPOTrainer does). TRL functions say nothing about
+  correctness or format, so accuracy comes only from the function named ``correct_from`` and the format rate only
+  from the one named ``formatted_from``; without them neither is reported.
 - `VerlComputeScore`: veRL's ``compute_score(data_source, solution_str, ground_truth, extra_info=None)``, returning
   a number or a dict with a ``score`` key whose other numeric keys are logged (an ``acc`` key is the accuracy).
 
@@ -26,9 +30,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-from tinyrl.task import Reward, load_object
+from tinyrl.task import Reward, TaskError, load_object
 
-__all__ = ["TRLRewards", "VerlComputeScore", "function_name"]
+__all__ = ["TRLRewards", "VerlComputeScore", "function_name", "TRL_ARGUMENTS"]
+
+# What TRL's GRPOTrainer passes every reward function itself; any other argument is a dataset column.
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def function_name(fn: Any) -> str:
@@ -36,25 +43,35 @@ def function_name(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _resolve(spec: Any, where: str) -> Callable[..., Any]:
+def _resolve(spec: Any, where: str, key: str | None) -> Callable[..., Any]:
     """A callable from a spec: a callable itself, ``"module:attr"`` / ``"file.py:attr"``, or ``{path, kwargs}``."""
     if callable(spec):
         return spec
     if isinstance(spec, Mapping):
         unknown = sorted(set(spec) - {"path", "kwargs"})
         if unknown or "path" not in spec:
-            raise ValueError(f"{where}: a reward function given as a mapping needs 'path' (and optional 'kwargs'), "
-                             f"got keys {sorted(spec)}")
-        factory = load_object(spec["path"], where)
+            raise TaskError(f"{where}: a reward function given as a mapping needs 'path' (and optional 'kwargs'), "
+                            f"got keys {sorted(spec)}", key=key)
+        factory = load_object(spec["path"], where, key)
         kwargs = dict(spec.get("kwargs") or {})
         if not callable(factory):
-            raise ValueError(f"{where}: {spec['path']!r} is {type(factory).__name__}, not callable")
+            raise TaskError(f"{where}: {spec['path']!r} is {type(factory).__name__}, not callable", key=key)
         fn = factory(**kwargs)
     else:
-        fn = load_object(spec, where)
+        fn = load_object(spec, where, key)
     if not callable(fn):
-        raise ValueError(f"{where}: {spec!r} is {type(fn).__name__}, not a function")
+        raise TaskError(f"{where}: {spec!r} is {type(fn).__name__}, not a function", key=key)
     return fn
+
+
+def required_arguments(fn: Callable[..., Any]) -> list[str]:
+    """The arguments ``fn`` cannot be called without (no default, not ``*args``/``**kwargs``); [] if unknown."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _number(value: Any, what: str) -> float:
@@ -70,22 +87,30 @@ def _number(value: Any, what: str) -> float:
     return number
 
 
+def _setting(value: Any, name: str) -> float:
+    """A number from the task's settings (``task.kwargs.<name>``), else a TaskError naming it."""
+    try:
+        return _number(value, name)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(str(exc), key=f"kwargs.{name.split('[')[0]}") from None
+
+
 class _Functions:
     """Reward functions named by spec, resolved where they run (the parent checks them, each worker loads them)."""
 
-    def __init__(self, specs: Sequence[Any], where: str):
+    def __init__(self, specs: Sequence[Any], where: str, key: str | None = None):
         if isinstance(specs, (str, Mapping)) or callable(specs):
             specs = [specs]
         self.specs = list(specs)
-        self.where = where
+        self.where, self.key = where, key
         if not self.specs:
-            raise ValueError(f"{where}: give at least one reward function")
+            raise TaskError(f"{where}: give at least one reward function", key=key)
         self._fns: list[Callable[..., Any]] | None = None
         self.load()  # fail now, in the parent, with a message naming the spec
 
     def load(self) -> list[Callable[..., Any]]:
         if self._fns is None:
-            self._fns = [_resolve(s, f"{self.where}[{i}]") for i, s in enumerate(self.specs)]
+            self._fns = [_resolve(s, f"{self.where}[{i}]", self.key) for i, s in enumerate(self.specs)]
         return self._fns
 
     def __getstate__(self) -> dict:
@@ -98,22 +123,42 @@ class _Functions:
 class TRLRewards:
     """TRL reward functions as one tinyrl reward: ``score = sum_i w_i * r_i`` over functions that returned a value.
 
-    ``correct`` is ``score >= correct_score``; ``formatted`` says some function returned a value; each function's
-    unweighted value is a component named like TRL's ``rewards/<name>`` (plus any ``log_metric`` values).
+    ``correct``: the function named ``correct_from`` gave at least ``correct_score`` (None when no function is
+    named, or it returned None). ``formatted``: the function named ``formatted_from`` gave more than 0 (None
+    likewise). When every function returns None the reward is `Reward.not_applicable`. Each function's unweighted
+    value is a component named like TRL's ``rewards/<name>`` (plus any ``log_metric`` values).
     """
 
     def __init__(self, funcs: Sequence[Any], weights: Sequence[float] | None = None, correct_score: float = 1.0,
-                 where: str = "reward_funcs"):
-        self.functions = _Functions(funcs, where)
+                 where: str = "reward_funcs", correct_from: str | None = None, formatted_from: str | None = None,
+                 key: str | None = None):
+        self.functions = _Functions(funcs, where, key)
         n = len(self.functions.specs)
         if weights is None:
             weights = [1.0] * n
         weights = list(weights)
         if len(weights) != n:
-            raise ValueError(f"reward_weights: {len(weights)} weight(s) for {n} reward function(s)")
-        self.weights = [_number(w, f"reward_weights[{i}]") for i, w in enumerate(weights)]
-        self.correct_score = _number(correct_score, "correct_score")
+            raise TaskError(f"reward_weights: {len(weights)} weight(s) for {n} reward function(s)",
+                            key="kwargs.reward_weights")
+        self.weights = [_setting(w, f"reward_weights[{i}]") for i, w in enumerate(weights)]
+        self.correct_score = _setting(correct_score, "correct_score")
         self.names = self._unique_names([function_name(fn) for fn in self.functions.load()])
+        for setting, name in (("correct_from", correct_from), ("formatted_from", formatted_from)):
+            if name is not None and name not in self.names:
+                raise TaskError(f"{name!r} is not one of the reward functions ({', '.join(self.names)}); name the "
+                                f"one whose value says whether an answer is "
+                                f"{'right' if setting == 'correct_from' else 'in the expected format'}",
+                                key=f"kwargs.{setting}")
+        self.correct_from, self.formatted_from = correct_from, formatted_from
+
+    def needed_columns(self) -> dict[str, list[str]]:
+        """``{function name: [dataset columns it cannot be called without]}``, from each function's signature."""
+        out = {}
+        for fn, name in zip(self.functions.load(), self.names):
+            columns = [a for a in required_arguments(fn) if a not in TRL_ARGUMENTS]
+            if columns:
+                out[name] = columns
+        return out
 
     @staticmethod
     def _unique_names(names: list[str]) -> list[str]:
@@ -142,6 +187,7 @@ class TRLRewards:
             extra[str(column)] = values[0] if isinstance(values, (list, tuple)) and len(values) == 1 else values
 
         total, applied, components = 0.0, False, {}
+        correct = formatted = None
         for fn, name, weight in zip(self.functions.load(), self.names, self.weights):
             out = fn(
                 prompts=[prompt], completions=[completion_arg],
@@ -158,31 +204,39 @@ class TRLRewards:
             components[name] = value
             total += weight * value
             applied = True
+            if name == self.correct_from:
+                correct = value >= self.correct_score
+            if name == self.formatted_from:
+                formatted = value > 0
         components.update(metrics)
-        info: dict[str, Any] = {"extra": extra} if extra else {}
         if not applied:
-            info["reason"] = "every reward function returned None"
-            return Reward(0.0, False, False, info, components)
-        return Reward(total, total >= self.correct_score, True, info, components)
+            return Reward.not_applicable("every reward function returned None", components)
+        return Reward(total, correct, formatted, {"extra": extra} if extra else {}, components)
 
 
 class VerlComputeScore:
     """A veRL ``compute_score`` as a tinyrl reward: the number it returns, or its dict's ``score``.
 
     Other numeric keys of a dict become components; ``acc`` (when present) is ``correct``, else
-    ``score >= correct_score``; non-numeric keys (e.g. a parsed ``pred``) go to ``info``. ``kwargs`` are passed on
+    ``score >= correct_score`` (veRL's scorers give 1 for a right answer); ``formatted`` is None (veRL's interface
+    has no format signal); non-numeric keys (e.g. a parsed ``pred``) go to ``info``. ``kwargs`` are passed on
     every call, like veRL's ``custom_reward_function.reward_kwargs``.
     """
 
     _ARGUMENTS = ("data_source", "solution_str", "ground_truth", "extra_info")
 
     def __init__(self, fn: Any, kwargs: Mapping | None = None, correct_score: float = 1.0,
-                 where: str = "compute_score"):
-        self.functions = _Functions([fn], where)
+                 where: str = "compute_score", key: str | None = None):
+        self.functions = _Functions([fn], where, key)
         self.kwargs = dict(kwargs or {})
-        self.correct_score = _number(correct_score, "correct_score")
+        self.correct_score = _setting(correct_score, "correct_score")
         self.name = function_name(self.functions.load()[0])
         self._accepts = self._accepted(self.functions.load()[0])
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Which of veRL's arguments (data_source, solution_str, ground_truth, extra_info) the function takes."""
+        return self._accepts
 
     @classmethod
     def _accepted(cls, fn: Callable[..., Any]) -> tuple[str, ...]:
@@ -203,7 +257,7 @@ class VerlComputeScore:
         out = self.functions.load()[0](**{a: values[a] for a in self._accepts}, **self.kwargs)
         if not isinstance(out, Mapping):
             score = _number(out, f"compute_score {self.name!r}")
-            return Reward(score, score >= self.correct_score, True)
+            return Reward(score, score >= self.correct_score, None)
         if "score" not in out:
             raise KeyError(f"compute_score {self.name!r} returned a dict without a 'score' key: {sorted(out)}")
         score = _number(out["score"], f"compute_score {self.name!r} ['score']")
@@ -216,7 +270,7 @@ class VerlComputeScore:
             else:
                 info[str(key)] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
         correct = bool(out["acc"]) if "acc" in out else score >= self.correct_score
-        return Reward(score, correct, True, info, components)
+        return Reward(score, correct, None, info, components)
 
 
 def _is_conversation(prompt: Any) -> bool:

@@ -2,14 +2,18 @@
 
 A reward that raises, times out or kills its worker scores 0 and training goes on (`tinyrl.reward_workers`);
 `RewardErrorLog` makes sure a person sees why: the first failure of each kind is printed with its traceback and
-row, every failure is kept in ``reward_errors.jsonl``, and `RewardErrorLog.check` stops a run whose reward code is
-plainly broken. `component_metrics` averages ``Reward.components`` into ``reward/<name>`` metrics.
+row, and so is the first of each distinct line reward code printed that looks like an error (code that catches
+its own errors and returns 0, as veRL's scorers do, says so only there); every one is kept in
+``reward_errors.jsonl``, and `RewardErrorLog.check` stops a run whose reward code is plainly broken.
+`reward_error_summary` counts that file for the run's closing lines and ``summary.json``. `component_metrics`
+averages ``Reward.components`` into ``reward/<name>`` metrics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +21,7 @@ from typing import Any, Sequence
 from tinyrl.monitor import TrainingError
 from tinyrl.task import Reward
 
-__all__ = ["RewardErrorLog", "RewardsFailed", "error_of", "component_metrics"]
+__all__ = ["RewardErrorLog", "RewardsFailed", "error_of", "component_metrics", "reward_error_summary"]
 
 log = logging.getLogger("tinyrl")
 
@@ -41,6 +45,11 @@ def _kind(reward: Reward) -> str:
     error = error_of(reward) or ""
     where = reward.info.get("where", "")
     return f"{error.split(':', 1)[0]} at {where}" if where else error
+
+
+def _printed_kind(line: str) -> str:
+    """What makes two printed lines the same message: the text with numbers and addresses blanked out."""
+    return "printed: " + re.sub(r"0x[0-9a-fA-F]+|\d+", "#", line)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -73,11 +82,12 @@ def _jsonable(value: Any) -> Any:
 
 
 class RewardErrorLog:
-    """Called by `RewardScorer` (``on_errors``) after a batch in which some reward failed.
+    """Called by `RewardScorer` (``on_errors``) after a batch in which some reward failed or printed an error.
 
     Appends one JSON line per failure to ``path`` (``reward_errors.jsonl`` in the run directory): where it
-    happened (``self.where``, e.g. "step 12"), the error, its traceback, the row and the completion. The first
-    failure of each kind is also logged at ERROR level with its traceback and row.
+    happened (``self.where``, e.g. "step 12"), the error, its traceback, the row and the completion; and one per
+    printed line that looks like an error (``"printed"`` instead of ``"error"``). The first failure of each kind,
+    and the first of each distinct printed line, is also logged at ERROR level with its row.
     """
 
     def __init__(self, path: str | Path | None):
@@ -88,6 +98,7 @@ class RewardErrorLog:
     def __call__(self, completions: Sequence[str], rows: Sequence[dict], rewards: Sequence[Reward]) -> None:
         lines = []
         for completion, row, reward in zip(completions, rows, rewards):
+            lines += self._printed(completion, row, reward)
             error = error_of(reward)
             if error is None:
                 continue
@@ -110,6 +121,25 @@ class RewardErrorLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
 
+    def _printed(self, completion: str, row: dict, reward: Reward) -> list[str]:
+        printed = reward.info.get("printed") if isinstance(reward.info, dict) else None
+        lines = []
+        for line in printed or ():
+            kind = _printed_kind(str(line))
+            if not self.seen[kind]:
+                log.error(
+                    "reward code printed what looks like an error (%s), first of its kind: %s\n  row: %s\n"
+                    "  completion: %s%s",
+                    self.where or "scoring", line, _clip(repr(row), _SHOWN_CHARS), _clip(repr(completion), _SHOWN_CHARS),
+                    f"\n  every such line is kept in {self.path}" if self.path else "",
+                )
+            self.seen[kind] += 1
+            lines.append(json.dumps({
+                "where": self.where, "printed": str(line), "kind": kind, "row": _jsonable(row),
+                "completion": _clip(completion, _KEPT_CHARS),
+            }))
+        return lines
+
     def check(self, rewards: Sequence[Reward], limit: float | None, step: int, config_key: str) -> None:
         """Raise RewardsFailed when at least ``limit`` of one step's rewards failed (``limit=None``: never)."""
         if limit is None or not rewards:
@@ -125,3 +155,28 @@ class RewardErrorLog:
             f"the run stops because {config_key}={limit:g}{kept}",
             step=step, phase="score",
         )
+
+
+def reward_error_summary(run_dir: str | Path) -> dict[str, Any]:
+    """How many rewards of a run failed (and timed out) and how many printed lines looked like errors, counted from
+    the run's ``reward_errors*.jsonl`` (every rank's); ``{}`` when there were none."""
+    run_dir = Path(run_dir)
+    failed = timeouts = printed = 0
+    kinds: set[str] = set()
+    for path in sorted(run_dir.glob("reward_errors*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short when a run was killed
+                if "error" in record:
+                    failed += 1
+                    timeouts += record["error"] == "timeout"
+                elif "printed" in record:
+                    printed += 1
+                kinds.add(str(record.get("kind")))
+    if not (failed or printed):
+        return {}
+    return {"failed": failed, "timeouts": timeouts, "printed": printed, "kinds": len(kinds),
+            "file": str(run_dir / "reward_errors.jsonl")}

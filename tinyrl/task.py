@@ -23,21 +23,28 @@ scoring needs). ``reward`` may also take a ``completion_ids`` keyword (the compl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 __all__ = [
     "Reward",
+    "reward_rates",
     "Task",
     "TooFewProblems",
+    "TaskError",
+    "TaskFileNotFound",
+    "TaskTypeError",
     "SPLITS",
     "ENTRY_POINT_GROUP",
     "register_task",
@@ -52,6 +59,30 @@ SPLITS = ("train", "validation", "test")
 ENTRY_POINT_GROUP = "tinyrl.tasks"  # installed packages register tasks here: `name = "pkg.module:Factory"`
 
 
+class TaskError(ValueError):
+    """A task cannot be built from what it was given: an unknown name, a missing file, an argument the task does
+    not take, a data row it cannot use. The message is one line naming what is wrong and what would be right;
+    ``key`` names the task setting at fault (``name``, ``kwargs.train_file``, ...) when there is one. The command
+    line prints it as ``task.<key>: <message>`` with exit status 2, before any model loads. A task's own
+    constructor may raise it for a bad argument."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def config_line(self) -> str:
+        """The message as the command line prints it, naming the config key."""
+        return f"task.{self.key}: {self}" if self.key else f"task: {self}"
+
+
+class TaskFileNotFound(TaskError, FileNotFoundError):
+    """A file a task needs (its code, its data) is not there."""
+
+
+class TaskTypeError(TaskError, TypeError):
+    """An argument a task does not take, or an object that is not a task."""
+
+
 class TooFewProblems(ValueError):
     """Raised by a task's `dataset()` when a split holds fewer distinct problems than were asked for. Callers that
     took the size from a config key report it as that key's error (a one-line refusal, not a traceback)."""
@@ -63,17 +94,57 @@ class Reward:
 
     ``score`` is what RL maximises (any finite float; a non-finite score is turned into an error). ``correct`` is
     the accuracy signal, kept apart from a shaped score; ``formatted`` says an answer in the expected format was
-    found. ``info`` says why, for people reading samples and errors (e.g. ``{"reason": "wrong numbers"}``; failures
-    carry ``{"error": ..., "traceback": ..., "where": ...}``). ``components`` are named parts of the score (e.g.
-    ``{"correct": 1.0, "format": 0.0}``, or one value per TRL reward function), each logged as
+    found; either is None when the reward does not judge it (a figure made from it is then not reported rather than
+    made up). ``info`` says why, for people reading samples and errors (e.g. ``{"reason": "wrong numbers"}``;
+    failures carry ``{"error": ..., "traceback": ..., "where": ...}``). ``components`` are named parts of the score
+    (e.g. ``{"correct": 1.0, "format": 0.0}``, or one value per TRL reward function), each logged as
     ``reward/<name>``, averaged over the completions that report it.
+
+    `Reward.not_applicable` says the reward does not apply to this completion (TRL's None from every reward
+    function): its score is NaN, it is left out of its group's statistics and gets zero advantage.
     """
 
     score: float
-    correct: bool
-    formatted: bool
+    correct: bool | None
+    formatted: bool | None
     info: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)
+
+    @classmethod
+    def not_applicable(cls, reason: str, components: dict | None = None) -> Reward:
+        """A verdict that the reward does not apply: score NaN, correct and formatted None,
+        ``info = {"not_applicable": reason}``."""
+        return cls(math.nan, None, None, {"not_applicable": str(reason)}, dict(components or {}))
+
+    @property
+    def applies(self) -> bool:
+        """False for `not_applicable` verdicts."""
+        return not (isinstance(self.score, float) and math.isnan(self.score))
+
+
+def reward_rates(rewards: Sequence[Reward]) -> dict[str, float | None]:
+    """What a set of rewards says, each figure over the completions it can speak for (None: nothing to report).
+
+    ``mean_reward``: the mean score of the rewards that apply. ``accuracy``: the share judged correct among the
+    rewards that judge correctness (``correct`` not None), a failed reward counting as wrong; None when no reward
+    that ran judged correctness. ``format_rate`` and ``formatted_but_wrong`` (formatted and judged wrong) likewise,
+    from ``formatted``. ``not_applicable``: how many rewards did not apply.
+    """
+    applying = [r for r in rewards if r.applies]
+    failed = sum(1 for r in applying if isinstance(r.info, dict) and "error" in r.info)
+    ran = [r for r in applying if not (isinstance(r.info, dict) and "error" in r.info)]
+
+    def share(judged: list[Reward], hit) -> float | None:
+        return sum(1 for r in judged if hit(r)) / (len(judged) + failed) if judged else None
+
+    both = [r for r in ran if r.correct is not None and r.formatted is not None]
+    return {
+        "mean_reward": sum(float(r.score) for r in applying) / len(applying) if applying else None,
+        "accuracy": share([r for r in ran if r.correct is not None], lambda r: r.correct),
+        "format_rate": share([r for r in ran if r.formatted is not None], lambda r: r.formatted),
+        "formatted_but_wrong": share(both, lambda r: r.formatted and not r.correct),
+        "not_applicable": float(len(rewards) - len(applying)),
+    }
 
 
 class Task(Protocol):
@@ -151,7 +222,9 @@ def complete_task(task: Any, name: str | None = None) -> Task:
     if not (callable(getattr(task, "prompt", None)) or callable(getattr(task, "messages", None))):
         missing.append("prompt or messages")
     if missing:
-        raise TypeError(f"task {label!r} ({type(task).__name__}) lacks Task member(s): {', '.join(missing)}")
+        raise TaskTypeError(f"task {label!r} ({type(task).__name__}) lacks Task member(s): {', '.join(missing)}; "
+                            "a task needs dataset(split, size, seed), reward(completion, row) and prompt(row) or "
+                            "messages(row)", key="name")
     if all(hasattr(task, m) for m in ("name", "stop", "chat_prefix", "prompt", "messages")):
         return task
     default_name = name if name and ":" not in name else _snake_case(type(task).__name__)
@@ -219,7 +292,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
     raise TypeError naming them. Members the task leaves out get their defaults (see `complete_task`).
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"get_task: name must be a non-empty string, got {name!r}")
+        raise TaskError(f"get_task: name must be a non-empty string, got {name!r}", key="name")
     factory = _resolve_factory(name)
     _check_kwargs(name, factory, kwargs)
     return complete_task(factory(**kwargs), name)
@@ -285,50 +358,65 @@ def _resolve_factory(name: str) -> Callable[..., Any]:
     if ":" not in name:
         plugin = _plugins().get(name)
         if plugin is None:
-            raise ValueError(
-                f"unknown task {name!r}; available tasks: {', '.join(available_tasks())} "
-                f"(or give 'pkg.module:Attr' or 'path/to/file.py:Attr')"
+            raise TaskError(
+                f"unknown task {name!r}{_did_you_mean(name, available_tasks())}; available tasks: "
+                f"{', '.join(available_tasks())} (or give 'pkg.module:Attr' or 'path/to/file.py:Attr')", key="name"
             )
         try:
             factory = plugin.load()
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
-            raise ValueError(f"plugin task {name!r} ({plugin.value}) failed to load: {problem}") from exc
+            raise TaskError(f"plugin task {name!r} ({plugin.value}) failed to load: {problem}", key="name") from exc
         return _REGISTRY.get(name) or register_task(name, factory)
-    return load_object(name, "task spec")
+    return load_object(name, "task spec", key="name")
 
 
-def load_object(spec: str, what: str = "spec") -> Any:
+def _did_you_mean(given: str, choices: Any) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or ""."""
+    close = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def load_object(spec: str, what: str = "spec", key: str | None = None) -> Any:
     """The object ``spec`` names: ``"pkg.module:attr"``, ``"pkg.module.attr"`` or ``"path/to/file.py:attr"``.
 
-    Errors are ValueError or FileNotFoundError naming ``what`` and the spec. A file is loaded once per process
-    under a name derived from its absolute path, and worker processes load it again under the same name.
+    Errors are `TaskError` (a ValueError) or `TaskFileNotFound` (a FileNotFoundError) naming ``what`` and the spec
+    (and carrying ``key``); an error raised while a module or file runs propagates as it is. A file is loaded once
+    per process under a name derived from its absolute path, and worker processes load it again under that name.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{what}: expected 'pkg.module:attr' or 'path/to/file.py:attr', got {spec!r}")
+        raise TaskError(f"{what}: expected 'pkg.module:attr' or 'path/to/file.py:attr', got {spec!r}", key=key)
     where, sep, attr = spec.rpartition(":")
     if not sep:
         where, _, attr = spec.rpartition(".")
     if not attr or not where:
-        raise ValueError(f"{what} {spec!r} must look like 'pkg.module:attr' or 'path/to/file.py:attr'")
-    module = _load_file_module(where, what) if where.endswith(".py") else _import_module(where, spec, what)
+        raise TaskError(f"{what} {spec!r} must look like 'pkg.module:attr' or 'path/to/file.py:attr'", key=key)
+    if where.endswith(".py"):
+        module = _load_file_module(where, what, key)
+    else:
+        module = _import_module(where, spec, what, key)
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"{what} {spec!r}: {where} has no attribute {attr!r}") from None
+        public = [name for name in vars(module) if not name.startswith("_")]
+        raise TaskError(f"{what} {spec!r}: {where} has no attribute {attr!r}{_did_you_mean(attr, public)}",
+                        key=key) from None
 
 
-def _import_module(module_name: str, spec: str, what: str):
+def _import_module(module_name: str, spec: str, what: str, key: str | None):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        missing = exc.name or module_name
+        if not (f"{module_name}.".startswith(f"{missing}.") or missing.startswith(f"{module_name}.")):
+            raise  # the module exists but something it imports does not: its own traceback says where
+        raise TaskError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})", key=key) from exc
 
 
-def _load_file_module(path_text: str, what: str):
+def _load_file_module(path_text: str, what: str, key: str | None = None):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {path_text} (resolved to {path})")
+        raise TaskFileNotFound(f"{what}: file not found: {path_text} (resolved to {path})", key=key)
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     module_name = f"tinyrl_file_task_{_identifier(path.stem)}_{digest}"
     module = sys.modules.get(module_name) or exec_file_module(module_name, str(path))
@@ -370,6 +458,7 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
     accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise TypeError(
-            f"task {name!r} got unknown argument(s) {', '.join(unknown)}; it accepts: {', '.join(sorted(accepted))}"
-        )
+        takes = f"it accepts: {', '.join(sorted(accepted))}" if accepted else "it takes no arguments"
+        hints = "".join(_did_you_mean(u, accepted) for u in unknown[:1])
+        raise TaskTypeError(f"task {name!r} got unknown argument(s) {', '.join(unknown)}{hints}; {takes}",
+                            key=f"kwargs.{unknown[0]}")

@@ -35,7 +35,7 @@ from tinyrl.reward_workers import scorer_from_config
 from tinyrl.rollout import RolloutEngine, SamplingConfig, engine_options, make_engine
 from tinyrl.rundir import default_run_dir, resuming
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import complete_task, get_task
+from tinyrl.task import complete_task, get_task, reward_rates
 
 log = logging.getLogger("tinyrl")
 
@@ -108,6 +108,9 @@ class RLTrainer:
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
         self.world.check_cpu_offload(cfg.distributed.cpu_offload)
+        from tinyrl.models import float32_master_weights  # trained models hold float32, whatever their checkpoint
+
+        policy, critic = float32_master_weights(policy), float32_master_weights(critic)
         # built before sharding: a vLLM engine starts from the full weights (under torchrun each rank starts its
         # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
         # `shard` changes in place
@@ -291,21 +294,22 @@ class RLTrainer:
                     self.critic, batch, t.micro_batch_tokens, self.device, self.dtype, self.packed_layout
                 )
 
-        # 7. advantages
+        # 7. advantages (a reward that does not apply is NaN: left out of the statistics, zero advantage)
         with self.timer.phase("advantages", step):
-            rewards = batch.scores
+            applies = ~torch.isnan(batch.scores)
+            rewards = torch.where(applies, batch.scores, 0.0)
             if a.kl_in_reward and batch.ref_logprobs is not None:
                 # token-level rewards: -beta * KL(pi_old || pi_ref) on every token, the outcome on the last one
                 sampler_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
                 rewards = algorithms.kl_shaped_rewards(
-                    batch.scores, sampler_logprobs, batch.ref_logprobs, batch.response_mask, a.kl_coef, a.kl_estimator
+                    rewards, sampler_logprobs, batch.ref_logprobs, batch.response_mask, a.kl_coef, a.kl_estimator
                 )
                 kl = algorithms.kl_penalty(
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
                 mask = batch.response_mask > 0
                 metrics["policy/kl_in_reward"] = self.world.mean(float(kl[mask].sum()), float(mask.sum()))
-            batch.advantages, batch.returns = self._advantages(rewards, batch)
+            batch.advantages, batch.returns = self._advantages(rewards, batch, applies)
 
         # 8. update
         with self.timer.phase("update", step):
@@ -402,7 +406,8 @@ class RLTrainer:
 
     def _sync_weights(self, step: int) -> None:
         """Make the engine sample from the updated policy: nothing to copy when it samples from the policy itself,
-        else the full weights as `(hf_name, tensor)` pairs, gathered one tensor at a time. If that load fails the
+        else the full weights in the compute dtype as `(hf_name, tensor)` pairs, gathered one tensor at a time
+        (after the device's queued updates finish: `World.full_weights`). If that load fails the
         engine is rebuilt from the current weights once, else the run stops here (the phase timer adds the step
         and phase to the message)."""
         timeout = self.cfg.rollout.timeout_s
@@ -411,7 +416,7 @@ class RLTrainer:
             return
         try:
             call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync",
-                              self.world.full_weights(self.policy))
+                              self.world.full_weights(self.policy, dtype=self.dtype))
         except Exception as err:
             # after a timeout the load may still be running: rebuilding under it is unsafe
             if isinstance(err, TimeoutError) or not self.engine.can_rebuild:
@@ -421,7 +426,7 @@ class RLTrainer:
                         step, err)
             try:
                 call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild",
-                                  self.world.full_weights(self.policy))
+                                  self.world.full_weights(self.policy, dtype=self.dtype))
             except Exception as again:
                 raise RuntimeError(f"rollout weight sync failed ({err}) and rebuilding the engine failed too "
                                    f"({type(again).__name__}: {again}); the run stops here (resume from the last "
@@ -464,16 +469,20 @@ class RLTrainer:
         batch.response_mask.zero_()
         return batch
 
-    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch,
+                    scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and returns of this rank's rows, estimated over the rows of all ranks together, so that
-        estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would."""
+        estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would.
+        `scored` (default: every row) is False for rows whose reward does not apply."""
         a = self.cfg.algorithm
 
-        def estimate(rewards, response_mask, group_index, values):
+        def estimate(rewards, response_mask, group_index, values, scored):
             return algorithms.compute_advantages(a.advantage, rewards, response_mask, group_index=group_index,
-                                                 values=values, gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std)
+                                                 values=values, gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std,
+                                                 scored=scored)
 
-        return self.world.over_all_rows(estimate, rewards, batch.response_mask, batch.group_index, batch.values)
+        return self.world.over_all_rows(estimate, rewards, batch.response_mask, batch.group_index, batch.values,
+                                        scored)
 
     def _update(self, batch: RolloutBatch, step: int, on_policy: bool, num_groups: int) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches of whole groups; one optimizer step per mini-batch.
@@ -630,11 +639,14 @@ class RLTrainer:
         """Reward and length figures over every rank's completions of this step (`outcomes`)."""
         rewards = [r for r, _, _ in outcomes]
         lengths = [length for _, length, _ in outcomes]
-        metrics["reward/mean"] = float(np.mean([r.score for r in rewards]))
-        metrics["reward/accuracy"] = float(np.mean([r.correct for r in rewards]))
-        metrics["reward/format_rate"] = float(np.mean([r.formatted for r in rewards]))
-        metrics["reward/formatted_but_wrong"] = float(np.mean([r.formatted and not r.correct for r in rewards]))
+        # figures the rewards cannot speak for (accuracy without a correctness signal) are left out, not made up
+        rates = reward_rates(rewards)
+        for name, key in (("mean", "mean_reward"), ("accuracy", "accuracy"), ("format_rate", "format_rate"),
+                          ("formatted_but_wrong", "formatted_but_wrong"), ("not_applicable", "not_applicable")):
+            if rates[key] is not None:
+                metrics[f"reward/{name}"] = float(rates[key])
         metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+        metrics["reward/printed_errors"] = float(sum(bool(r.info.get("printed")) for r in rewards))
         metrics.update(component_metrics(rewards, reserved=metrics))
         metrics["response/length_mean"] = float(np.mean(lengths))
         metrics["response/length_max"] = float(np.max(lengths))
@@ -734,8 +746,8 @@ class RLTrainer:
                     metrics = self.step()
                     step = self.step_count
                     if progress is not None:
-                        progress.update(step, {"train reward": metrics.get("reward/mean", 0.0),
-                                               "train acc": metrics.get("reward/accuracy", 0.0)})
+                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy")}
+                        progress.update(step, {k: v for k, v in shown.items() if v is not None})
                         if self.last_evaluation is not None:
                             progress.note(held_out_line(f"at RL step {step}", self.last_evaluation))
                     # every rank stops at the same step, whichever received the signal

@@ -195,7 +195,8 @@ def reinforce_pp_baseline_advantages(token_rewards: Tensor, response_mask: Tenso
 
 def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
                        group_index: Tensor | Sequence[Hashable] | None = None, values: Tensor | None = None,
-                       gamma: float = 1.0, lam: float = 1.0, **options: object) -> tuple[Tensor, Tensor]:
+                       gamma: float = 1.0, lam: float = 1.0, scored: Tensor | None = None,
+                       **options: object) -> tuple[Tensor, Tensor]:
     """Advantages and returns `[B, T]` from the estimator `estimator` (a registered name, `module:function` or
     `file.py:function`); both are 0 outside the mask.
 
@@ -205,10 +206,24 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
     requires `values` `[B, T]`. `returns` are the critic targets for `gae` and equal the advantages otherwise.
     Estimator options (`norm_by_std`, `eps`, `whiten`) are passed to the estimators that declare them and
     ignored by the others, so a trainer can pass its whole config; a name no estimator knows raises.
+
+    `scored` `[B]` bool (optional) marks the rows whose reward exists. A row without one (every TRL reward function
+    returned None) is left out of every statistic, as a row without response tokens is, and gets A = 0 on every
+    token; its returns are its values, so a critic keeps its estimate there. Its rewards are ignored (NaN allowed).
+    This is TRL 1.16 GRPOTrainer's rule for "unscorable" completions: NaN rewards, nan-mean and nan-std per
+    group, advantage 0.
     """
     fn = resolve_function(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
     _check_options(options, ADVANTAGE_ESTIMATORS, fn, "advantage estimator", _ESTIMATOR_CORE_ARGS)
     mask = _as_mask(response_mask)
+    unscored = None
+    if scored is not None:
+        if not isinstance(scored, Tensor) or scored.dim() != 1 or scored.shape[0] != mask.shape[0]:
+            raise ValueError(f"scored must be a [B]=[{mask.shape[0]}] bool tensor")
+        unscored = ~scored.to(device=mask.device, dtype=torch.bool)
+        if isinstance(rewards, Tensor):
+            rows = unscored.view(-1, *([1] * (rewards.dim() - 1)))
+            rewards = torch.where(rows, torch.zeros((), dtype=rewards.dtype, device=rewards.device), rewards)
     if not isinstance(rewards, Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if not 0.0 <= gamma <= 1.0:
@@ -230,4 +245,10 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
         _check_values("values", values, mask)
     groups = _group_ids(group_index, mask.shape[0]).to(mask.device) if group_index is not None else None
     call = {"group_index": groups, "values": values, "gamma": gamma, "lam": lam, **options}
-    return fn(token_rewards, mask, **_supported_kwargs(fn, call))
+    if unscored is None:
+        return fn(token_rewards, mask, **_supported_kwargs(fn, call))
+    kept = mask & ~unscored[:, None]
+    advantages, returns = fn(_zero_outside(token_rewards, kept), kept, **_supported_kwargs(fn, call))
+    if values is not None:
+        returns = torch.where(unscored[:, None] & mask, _zero_outside(values.to(returns.dtype), mask), returns)
+    return advantages, returns

