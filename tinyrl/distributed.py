@@ -17,10 +17,10 @@ two ways:
 - gradient passes are counted up front (`lockstep`) and a rank with fewer micro-batches runs zero-weight
   passes on a one-token row (see `RLTrainer._optimizer_step`).
 
-The trainer meets the other ranks only at named points: `claim` and `positions` (drawing prompts and numbering
-groups as one process would), `over_all_rows` (advantages over every rank's rows), `whole_batch` and `lockstep`
-(the update), `reduce_metrics`, `mean`, `concat` (figures and samples), `any` (a stop signal), `rng_states`
-(checkpoints), `written_by_main` (a directory rank 0 writes for all).
+The trainer meets the other ranks at named points: `claim` and `positions` (drawing prompts and numbering groups
+as one process would), `over_all_rows` (advantages over every rank's rows), `whole_batch` and `lockstep` (the
+update), `reduce_metrics`, `mean`, `sum`, `concat` (counts, figures and samples), `any` (a stop signal),
+`rng_states` (checkpoints), `written_by_main` (a directory rank 0 writes for all).
 
 Every collective that waits on other ranks has the timeout `distributed.timeout_s`; a failure is reported
 with this rank, the phase, and the phase every other rank last reached (`mark`, `reporting_failures`).
