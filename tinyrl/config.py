@@ -47,7 +47,8 @@ class TinyModelConfig:
 class ModelConfig:
     path: Optional[str] = None  # local dir or hub name of the policy; null builds the tiny model in the run dir
     critic_path: Optional[str] = None  # null: the critic starts from the policy's weights (PPO only)
-    template: str = "base"  # base: the task's raw prompt; chat: the tokenizer's chat template
+    # base: the task's raw prompt; chat: the tokenizer's chat template; auto: chat when the tokenizer has one
+    template: str = "base"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
     # auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa; or sdpa | eager | flash_attention_2 |
@@ -318,7 +319,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.timeout_s > 0, "rollout.timeout_s", f"must be > 0, got {r.timeout_s}")
     _validate_rollout(r)
     _check(cfg.task.reward_timeout_s > 0, "task.reward_timeout_s", "must be > 0")
-    _check(m.template in ("base", "chat"), "model.template", f"must be 'base' or 'chat', got {m.template!r}")
+    _check(m.template in ("base", "chat", "auto"), "model.template", f"must be base, chat or auto, got {m.template!r}")
     _check(
         m.dtype in ("auto", "float32", "bfloat16", "float16"),
         "model.dtype",

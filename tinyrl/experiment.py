@@ -43,6 +43,7 @@ from tinyrl.distributed import World, init_world
 from tinyrl.evaluate import eval_metrics
 from tinyrl.metrics import rewind_metrics
 from tinyrl.preflight import preflight
+from tinyrl.prompts import template_line
 from tinyrl.rollout import engine_class
 from tinyrl.rundir import (
     CONFIG_FILE, SUMMARY_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
@@ -217,7 +218,9 @@ def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows
 
     def load(source: Path | str, device):
         with console.phase(f"loading the policy from {source} on {device}"):
-            return load_policy(source, device=device, attn_implementation=attention)
+            policy, tokenizer = load_policy(source, device=device, attn_implementation=attention)
+        console.say(template_line(task, train_rows[0], tokenizer, cfg.model.template))
+        return policy, tokenizer
 
     if run.checkpoint is not None:
         policy, tokenizer = load(run.checkpoint / "actor", world.load_device)

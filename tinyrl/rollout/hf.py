@@ -193,9 +193,14 @@ class HFEngine(RolloutEngine):
         probs = logp.double().exp()
         cdf = probs.cumsum(-1)
         chosen = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-        # rounding can put u * total at the very end: fall back to the last token that has probability
-        last_possible = (probs > 0).cumsum(-1).argmax(-1)
-        chosen = torch.minimum(chosen, last_possible)
+        # rounding can put u * total at the very end (index V): fall back to the last token that has probability.
+        # A row whose chosen token has probability needs nothing (the last possible token is at or after it), so
+        # the fallback, a scan of the whole vocabulary, runs only for the rare rows that need it.
+        vocab = logits.shape[-1]
+        suspect = (chosen >= vocab) | (probs.gather(-1, chosen.clamp(max=vocab - 1)[:, None]).squeeze(-1) == 0)
+        if bool(suspect.any()):
+            last_possible = (probs[suspect] > 0).cumsum(-1).argmax(-1)
+            chosen = chosen.masked_scatter(suspect, torch.minimum(chosen[suspect], last_possible))
         return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1)
 
 
