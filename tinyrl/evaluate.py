@@ -3,8 +3,8 @@
 `sample_eval` generates with any rollout engine (greedy, and `pass_k` samples per problem) and scores with a
 `RewardScorer`; `summarize_samples` / `summarize_eval` turn the verifier's `Reward`s into the figures a run
 reports; `write_eval_samples` / `write_eval_results` write them, with a sample of completions, to the run
-directory. `evaluate_policy` is all three on one problem set. The trainer runs `sample_eval` on each rank's share
-and summarises them all; `tinyrl-eval` (tinyrl/eval_checkpoint.py) runs `evaluate_policy` on a saved checkpoint.
+directory. `evaluate_policy` is all three on one problem set, `evaluate_on_ranks` the same split over the ranks
+(what the trainer runs); `tinyrl-eval` (tinyrl/eval_checkpoint.py) runs `evaluate_policy` on a saved checkpoint.
 Accuracy counts only `Reward.correct`: a format bonus can raise `mean_reward` but never `accuracy`. A figure the
 rewards cannot speak for is None, "not reported" (accuracy when no reward judges correctness, as with TRL reward
 functions none of which is named the correctness signal); rewards that do not apply are left out of every figure
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from tinyrl.task import Reward
 
 __all__ = [
-    "EvalSamples", "eval_metrics", "evaluate_policy", "pass_at_k", "sample_eval", "summarize_eval",
+    "EvalSamples", "eval_metrics", "evaluate_on_ranks", "evaluate_policy", "pass_at_k", "sample_eval", "summarize_eval",
     "summarize_samples", "write_eval_results", "write_eval_samples",
 ]
 
@@ -123,6 +123,23 @@ def evaluate_policy(
     )
     summary = summarize_samples(samples, pass_k)
     if run_dir is not None:
+        write_eval_samples(run_dir, step, summary, tokenizer, prompt_ids, samples)
+    return summary
+
+
+def evaluate_on_ranks(world, engine, scorer, task, tokenizer, rows: Sequence[dict],
+                      prompt_ids: Sequence[Sequence[int]], *, run_dir: str | Path, step: int, pass_k: int = 0,
+                      **sampling: Any) -> dict:
+    """`evaluate_policy` with the problems split over the ranks of `world` (`tinyrl.distributed.World`): each rank
+    samples and scores a contiguous share, drawing the samples the whole set would; the summary covers them all and
+    rank 0 writes `run_dir/eval/step_*.json`. `sampling`: `sample_eval`'s `max_new_tokens`, `temperature`, `top_p`,
+    `seed`, `timeout_s`. Collective."""
+    share = world.share(len(rows))
+    part = sample_eval(engine, scorer, task, rows[share.start : share.stop], prompt_ids[share.start : share.stop],
+                       pass_k=pass_k, step=step, prompt_offset=share.start, **sampling)
+    samples = world.concat(part)
+    summary = summarize_samples(samples, pass_k)
+    if world.is_main:
         write_eval_samples(run_dir, step, summary, tokenizer, prompt_ids, samples)
     return summary
 

@@ -24,18 +24,18 @@ from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
 from tinyrl.console import Progress, held_out_line
 from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
-from tinyrl.evaluate import eval_metrics, sample_eval, summarize_samples, write_eval_samples
+from tinyrl.evaluate import eval_metrics, evaluate_on_ranks
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout, stop_requests
 from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
 from tinyrl.records import RunRecords, start_run_dir
-from tinyrl.reward_report import RewardErrorLog, component_metrics
+from tinyrl.reward_report import RewardErrorLog, completion_metrics
 from tinyrl.reward_workers import scorer_from_config
 from tinyrl.rollout import RolloutEngine, SamplingConfig, engine_options, make_engine
 from tinyrl.rundir import default_run_dir, resuming
 from tinyrl.sampler import PromptSampler
-from tinyrl.task import complete_task, get_task, reward_rates
+from tinyrl.task import complete_task, get_task
 
 log = logging.getLogger("tinyrl")
 
@@ -251,7 +251,7 @@ class RLTrainer:
         outcomes = self.world.concat([(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored])
         limit = cfg.task.reward_error_limit
         self.reward_errors.check([r for r, _, _ in outcomes], limit, step, "task.reward_error_limit")
-        self._rollout_metrics(outcomes, metrics)
+        metrics.update(completion_metrics(outcomes))
         self.records.samples(step, scored)
         if num_groups == 0:
             if self.world.is_main:
@@ -634,46 +634,18 @@ class RLTrainer:
         a = self.cfg.algorithm
         return float(a.loss_agg_normalizer or self.cfg.rollout.max_response_tokens)
 
-    # ------------------------------------------------------------------ metrics and samples
-    def _rollout_metrics(self, outcomes, metrics: dict) -> None:
-        """Reward and length figures over every rank's completions of this step (`outcomes`)."""
-        rewards = [r for r, _, _ in outcomes]
-        lengths = [length for _, length, _ in outcomes]
-        # figures the rewards cannot speak for (accuracy without a correctness signal) are left out, not made up
-        rates = reward_rates(rewards)
-        for name, key in (("mean", "mean_reward"), ("accuracy", "accuracy"), ("format_rate", "format_rate"),
-                          ("formatted_but_wrong", "formatted_but_wrong"), ("not_applicable", "not_applicable")):
-            if rates[key] is not None:
-                metrics[f"reward/{name}"] = float(rates[key])
-        metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
-        metrics["reward/printed_errors"] = float(sum(bool(r.info.get("printed")) for r in rewards))
-        metrics.update(component_metrics(rewards, reserved=metrics))
-        metrics["response/length_mean"] = float(np.mean(lengths))
-        metrics["response/length_max"] = float(np.max(lengths))
-        metrics["response/clip_rate"] = float(np.mean([finish == "length" for _, _, finish in outcomes]))
-        metrics["train/completions"] = float(len(outcomes))
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict:
-        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems.
-
-        Each rank evaluates a contiguous share of the problems; the summary covers them all.
-        """
-        cfg = self.cfg
+        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems, split over the
+        ranks (`evaluate.evaluate_on_ranks`); rank 0 writes `eval/step_*.json`."""
+        cfg, r = self.cfg, self.cfg.rollout
         self.reward_errors.where = f"evaluation at step {step}"
-        share = self.world.share(len(self.eval_rows))
         with self.world.gathered(*self._sampling_models()):
-            part = sample_eval(
-                self.engine, self.scorer, self.task, self.eval_rows[share.start : share.stop],
-                self.eval_prompts[share.start : share.stop], max_new_tokens=cfg.rollout.max_response_tokens,
-                pass_k=cfg.trainer.eval_pass_k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                seed=cfg.seed, timeout_s=cfg.rollout.timeout_s, step=step, prompt_offset=share.start,
+            return evaluate_on_ranks(
+                self.world, self.engine, self.scorer, self.task, self.tokenizer, self.eval_rows, self.eval_prompts,
+                run_dir=self.run_dir, step=step, pass_k=cfg.trainer.eval_pass_k, max_new_tokens=r.max_response_tokens,
+                temperature=r.temperature, top_p=r.top_p, seed=cfg.seed, timeout_s=r.timeout_s,
             )
-        samples = self.world.concat(part)
-        summary = summarize_samples(samples, cfg.trainer.eval_pass_k)
-        if self.world.is_main:
-            write_eval_samples(self.run_dir, step, summary, self.tokenizer, self.eval_prompts, samples)
-        return summary
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
