@@ -18,7 +18,7 @@ import random
 import resource
 import time
 
-from tinyrl.task import RewardScorer
+from tinyrl.reward_workers import RewardScorer
 from tinyrl.tasks.countdown import Countdown, solve
 
 THINK_FILLER = (

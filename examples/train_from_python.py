@@ -1,14 +1,15 @@
 """Research-code use of tinyrl, two ways:
 
 1. `tinyrl.train(config)`: the whole experiment (tiny model, distillation, GRPO, evaluation) from a composed config.
-2. `RLTrainer`: your own loop over objects you built, here a Dr. GRPO variant with a per-step learning-rate print.
+2. `RLTrainer`: your own loop over `step()`, here a Dr. GRPO variant with a per-step learning-rate print. It keeps
+   what the command line keeps: a metrics row per step, the config, samples, and the curves at `close()`.
 
 Run: python examples/train_from_python.py [--quick] [key=value ...]
 
 Every run writes into a new directory (runs/<date_time>/, and runs/<date_time>_own_loop/ for the second part), so
-running the script again never collides with an earlier run. `--quick` is a shorter default run (fewer
-distillation and RL steps, 200 held-out problems) whose held-out accuracy still rises; QUICK says by how much.
-Any further `key=value` arguments are config overrides, as on the command line.
+running the script again never collides with an earlier run. `--quick` runs the default experiment with 20 GRPO
+steps instead of 50 (`QUICK`; the same distillation and held-out problems). Any further `key=value` arguments are
+config overrides, as on the command line.
 """
 
 import sys

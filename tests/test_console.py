@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tinyrl.compose import load_config
 from tinyrl.console import held_out_line, summary_lines
 from tinyrl.experiment import train
-from tinyrl.metrics import Progress
+from tinyrl.console import Progress
 
 TASK = str(Path(__file__).with_name("learnable_task.py")) + ":DigitTask"
 

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from tinyrl.data import export_dataset, export_from_config, from_verl_rows, read_rows
-from tinyrl.task import RewardScorer, available_tasks, get_task
+from tinyrl.reward_workers import RewardScorer
+from tinyrl.task import available_tasks, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_task.py"

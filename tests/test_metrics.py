@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from tinyrl.console import Progress
 from tinyrl.metrics import (
     DISCARDED_FILE,
     METRICS_FILE,
     MetricsWriter,
-    Progress,
     read_metrics,
     rewind_metrics,
     write_samples,

@@ -17,7 +17,8 @@ import time
 import pytest
 
 import tinyrl.task as task_mod
-from tinyrl.task import Reward, RewardScorer, available_tasks, get_task, register_task, score_batch
+from tinyrl.reward_workers import RewardScorer, score_batch
+from tinyrl.task import Reward, available_tasks, get_task, register_task
 
 
 class ScriptedTask:

@@ -1,8 +1,10 @@
 """Typed configuration for training runs, and its validation.
 
 The dataclasses below are the schema of the Hydra config tree in `conf/` (registered in Hydra's ConfigStore as
-`train_schema`), so a wrong type or an unknown key fails when the config is composed, naming the key. `validate`
-adds the checks a type cannot express (ranges, divisibility, paths) and runs before any model is loaded.
+`train_schema`; the `algorithm:` node, `AlgorithmConfig`, lives with the algorithms in tinyrl/algorithms/settings.py),
+so a wrong type or an unknown key fails when the config is composed, naming the key. `validate` adds the checks a
+type cannot express (ranges, divisibility, paths, names of registered functions and engines) and runs before any
+model is loaded; user code a config names (`file.py:function`) is loaded by `tinyrl.preflight`.
 
 Batch sizes, each with one meaning:
 - `trainer.prompts_per_step`: problems sampled per RL step; each gets `rollout.n` completions.
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from tinyrl.algorithms.settings import AlgorithmConfig, RolloutCorrectionConfig  # the `algorithm:` node (no torch)
 
 
 @dataclass
@@ -69,48 +73,9 @@ class TaskConfig:
 
 
 @dataclass
-class RolloutCorrectionConfig:
-    """Correction of the rollout/training mismatch (veRL's `algorithm.rollout_correction` names; the math and its
-    sources are in tinyrl/algorithms/rollout_correction.py). Mismatch metrics are logged whatever these say."""
-
-    rollout_is: Optional[str] = None  # null: no reweighting | token: truncated importance sampling (TIS)
-    rollout_is_threshold: float = 2.0  # TIS cap C on pi_old / pi_rollout per token
-    rollout_rs: Optional[str] = None  # null | sequence: drop sequences whose ratio is outside the thresholds
-    rollout_rs_threshold: Optional[float] = None  # upper bound on the sequence ratio; null: rollout_is_threshold
-    rollout_rs_threshold_lower: Optional[float] = None  # lower bound; null: 1 / upper
-
-
-@dataclass
-class AlgorithmConfig:
-    """An algorithm preset (see conf/algorithm/*.yaml): estimator, loss, KL and shaping choices."""
-
-    name: str = "grpo"
-    advantage: str = "grpo"
-    norm_by_std: bool = True
-    gamma: float = 1.0
-    lam: float = 1.0
-    policy_loss: str = "ppo"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    loss_agg: str = "token-mean"
-    loss_agg_normalizer: Optional[float] = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in_reward: bool = False
-    entropy_coef: float = 0.0
-    value_clip: float = 0.5
-    dynamic_sampling: bool = False
-    dynamic_sampling_max_rounds: int = 3
-    overlong: str = "none"  # none | mask | soft
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
-    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
-
-
-@dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers, any device) | vllm
+    # hf (transformers, any device) | vllm | an engine added to tinyrl.rollout.ENGINES | "path/to/file.py:Class"
+    engine: str = "hf"
     n: int = 8  # completions per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -391,7 +356,11 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_rollout(r: RolloutConfig) -> None:
-    _check(r.engine in ("hf", "vllm"), "rollout.engine", f"must be 'hf' or 'vllm', got {r.engine!r}")
+    from tinyrl.rollout import ENGINES
+
+    _check(r.engine in ENGINES or _is_user_code(r.engine, "rollout.engine"), "rollout.engine",
+           f"must be one of {', '.join(ENGINES)} or a RolloutEngine subclass as 'pkg.module:Class' or "
+           f"'path/to/file.py:Class', got {r.engine!r}")
     _check(r.layout in ("colocated", "server"), "rollout.layout", f"must be colocated or server, got {r.layout!r}")
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
@@ -419,19 +388,20 @@ def _validate_logging(log: LoggingConfig) -> None:
 
 
 def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
-    import inspect
-
     from tinyrl import algorithms
 
+    # A user's function (`module:function`, `file.py:function`) is loaded by `preflight`, before any model.
     _check(
-        a.advantage in algorithms.ADVANTAGE_ESTIMATORS,
+        a.advantage in algorithms.ADVANTAGE_ESTIMATORS or _is_user_code(a.advantage, "algorithm.advantage"),
         "algorithm.advantage",
-        f"unknown estimator {a.advantage!r}; choose from {sorted(algorithms.ADVANTAGE_ESTIMATORS)}",
+        f"unknown estimator {a.advantage!r}; choose from {sorted(algorithms.ADVANTAGE_ESTIMATORS)} or give "
+        f"'pkg.module:function' or 'path/to/file.py:function'",
     )
     _check(
-        a.policy_loss in algorithms.POLICY_LOSSES,
+        a.policy_loss in algorithms.POLICY_LOSSES or _is_user_code(a.policy_loss, "algorithm.policy_loss"),
         "algorithm.policy_loss",
-        f"unknown policy loss {a.policy_loss!r}; choose from {sorted(algorithms.POLICY_LOSSES)}",
+        f"unknown policy loss {a.policy_loss!r}; choose from {sorted(algorithms.POLICY_LOSSES)} or give "
+        f"'pkg.module:function' or 'path/to/file.py:function'",
     )
     _check(
         a.loss_agg in algorithms.AGG_MODES,
@@ -447,17 +417,36 @@ def _validate_algorithm(a: AlgorithmConfig, r: RolloutConfig) -> None:
     _check(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low", "clip ranges must be >= 0")
     _check(a.overlong in ("none", "mask", "soft"), "algorithm.overlong", f"must be none, mask or soft, got {a.overlong!r}")
     _check(a.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
+    _check(a.overlong_penalty >= 0, "algorithm.overlong_penalty", f"must be >= 0, got {a.overlong_penalty}")
     _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
     _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
     _check(a.dynamic_sampling_max_rounds >= 1, "algorithm.dynamic_sampling_max_rounds", "must be >= 1")
-    estimator = algorithms.ADVANTAGE_ESTIMATORS[a.advantage]
+    if a.advantage in algorithms.ADVANTAGE_ESTIMATORS:
+        check_group_size(algorithms.ADVANTAGE_ESTIMATORS[a.advantage], a, r)
+    _validate_rollout_correction(a.rollout_correction)
+
+
+def check_group_size(estimator, a: AlgorithmConfig, r: RolloutConfig) -> None:
+    """A group estimator (one that takes `group_index`) needs groups of two completions or more."""
+    import inspect
+
     _check(
         r.n >= 2 or "group_index" not in inspect.signature(estimator).parameters,
         "rollout.n",
         f"must be >= 2 with the group estimator algorithm.advantage={a.advantage!r} (a group of one completion "
         f"has no baseline to compare with, so every advantage is 0), got {r.n}",
     )
-    _validate_rollout_correction(a.rollout_correction)
+
+
+def _is_user_code(spec: str, key: str) -> bool:
+    """Whether `spec` points at user code (`pkg.module:name` or `path/to/file.py:name`); a file that does not exist
+    is refused here, naming `key`. Importing it is left to `preflight`: user code may register what it needs."""
+    if ":" not in spec:
+        return False
+    where = spec.rpartition(":")[0]
+    if where.endswith(".py"):
+        _check(os.path.isfile(os.path.expanduser(where)), key, f"no file at {where!r} (from {spec!r})")
+    return True
 
 
 def _validate_rollout_correction(c: RolloutCorrectionConfig) -> None:

@@ -14,8 +14,13 @@ two ways:
 - passes whose number differs between ranks (sampling with per-rank decode lengths, the no-gradient
   log-prob and value passes over a rank's own micro-batches, evaluation) run inside `gathered(model)`: the
   whole model is all-gathered once, on every rank, then used without any collective, then resharded;
-- gradient passes are counted up front (`max` over ranks) and a rank with fewer micro-batches runs
-  zero-weight passes on a one-token row (see `RLTrainer._optimizer_step`).
+- gradient passes are counted up front (`lockstep`) and a rank with fewer micro-batches runs zero-weight
+  passes on a one-token row (see `RLTrainer._optimizer_step`).
+
+The trainer meets the other ranks at named points: `claim` and `positions` (drawing prompts and numbering groups
+as one process would), `over_all_rows` (advantages over every rank's rows), `whole_batch` and `lockstep` (the
+update), `reduce_metrics`, `mean`, `sum`, `concat` (counts, figures and samples), `any` (a stop signal),
+`rng_states` (checkpoints), `written_by_main` (a directory rank 0 writes for all).
 
 Every collective that waits on other ranks has the timeout `distributed.timeout_s`; a failure is reported
 with this rank, the phase, and the phase every other rank last reached (`mark`, `reporting_failures`).
@@ -24,11 +29,12 @@ with this rank, the phase, and the phase every other rank last reached (`mark`, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +155,114 @@ class World:
     def share(self, count: int) -> range:
         """This rank's contiguous share of `count` items (shares differ in size by at most one)."""
         return range(self.rank * count // self.size, (self.rank + 1) * count // self.size)
+
+    # ------------------------------------------------------------------ the trainer's points of agreement
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (e.g. a stop signal one rank received)."""
+        return self.max(bool(flag)) > 0
+
+    def mean(self, total: float, count: float) -> float:
+        """sum(total) / sum(count) over ranks (count at least 1): e.g. a per-token mean over every rank's tokens."""
+        count = self.sum(count)
+        return self.sum(total) / max(count, 1.0)
+
+    def concat(self, part: Any) -> Any:
+        """Every rank's `part` joined in rank order with `+` (lists, `EvalSamples`): what one process would have."""
+        parts = self.all_gather(part)
+        joined = parts[0]
+        for other in parts[1:]:
+            joined = joined + other
+        return joined
+
+    def reduce_metrics(self, sums: Mapping[str, float], maxima: Mapping[str, float] | None = None,
+                       minima: Mapping[str, float] | None = None) -> dict[str, float]:
+        """One metrics dict for all ranks: `sums` added up, `maxima` the largest, `minima` the smallest (a key may
+        be missing on some ranks)."""
+        out: dict[str, float] = {}
+        for rank_sums, rank_maxima, rank_minima in self.all_gather((sums, maxima or {}, minima or {})):
+            for key, value in rank_sums.items():
+                out[key] = out.get(key, 0.0) + value
+            for key, value in rank_maxima.items():
+                out[key] = max(out.get(key, value), value)
+            for key, value in rank_minima.items():
+                out[key] = min(out.get(key, value), value)
+        return out
+
+    def claim(self, need: int) -> tuple[int, int]:
+        """Ranks draw from one sequence together, each `need` items (its own number): returns how many all ranks
+        draw, and where this rank's contiguous block starts among them (rank order)."""
+        needs = self.all_gather(need)
+        return sum(needs), sum(needs[: self.rank])
+
+    def positions(self, counts: Sequence[int]) -> list[int]:
+        """Number every rank's items in the order one process would have them: batch by batch (`counts[b]` items
+        of this rank in batch b; every rank has as many batches), rank by rank within a batch. Returns the
+        numbers of this rank's items."""
+        by_rank = self.all_gather(list(counts))
+        mine, first = [], 0
+        for batch in range(len(counts)):
+            for rank, rank_counts in enumerate(by_rank):
+                if rank == self.rank:
+                    mine.extend(range(first, first + rank_counts[batch]))
+                first += rank_counts[batch]
+        return mine
+
+    def over_all_rows(self, fn: Callable[..., tuple], *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`fn` of every rank's rows together, and this rank's rows of what it returns.
+
+        Each argument is this rank's `[rows]` or `[rows, width]` tensor (or None, passed as None); the ranks' rows
+        are stacked in rank order, 2-D ones padded with zero columns to the widest rank's. Each `[rows, width]`
+        tensor `fn` returns is cut back to this rank's rows and width. So estimators that normalise over the
+        batch (GAE's whitening, REINFORCE++) give what one process would.
+        """
+        parts = self.all_gather(tensors)
+        width = max(t.shape[1] for part in parts for t in part if t is not None and t.dim() == 2)
+        joined = [None if parts[0][i] is None else torch.cat([_pad_columns(part[i], width) for part in parts])
+                  for i in range(len(tensors))]
+        first = sum(part[0].shape[0] for part in parts[: self.rank])
+        rows = slice(first, first + tensors[0].shape[0])
+        own_width = max(t.shape[1] for t in tensors if t is not None and t.dim() == 2)
+        return tuple(out[rows, :own_width].contiguous() for out in fn(*joined))
+
+    def whole_batch(self, normalizer):
+        """The loss divisor of a whole mini-batch from this rank's (`algorithms.LossNormalizer`): summed over ranks
+        and divided by their number, because FSDP averages the ranks' gradients; the average is then exactly the
+        gradient of the whole mini-batch's loss."""
+        return dataclasses.replace(normalizer, value=self.sum(normalizer.value) / self.size)
+
+    @contextlib.contextmanager
+    def written_by_main(self, path: Path, write: Callable[[Path], None], what: str, use: str) -> Iterator[Path]:
+        """A directory rank 0 writes (`write(path)`, doing `what`) for every rank to read inside the block (doing
+        `use`); rank 0 removes it once every rank is done. `path` must be on a filesystem all ranks see."""
+        import shutil
+
+        if self.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            write(path)
+        self.barrier(what)
+        yield path
+        self.barrier(use)
+        if self.is_main:
+            shutil.rmtree(path)
+
+    def rng_states(self) -> list[dict]:
+        """Every rank's random-number state (`tinyrl.checkpoint.capture_rng`), in rank order: for a checkpoint."""
+        from tinyrl.checkpoint import capture_rng
+
+        return self.all_gather(capture_rng())
+
+    def restore_rng_states(self, by_rank: list[dict] | None, fallback: dict) -> None:
+        """This rank's state from `rng_states()` of a checkpoint of as many ranks, else `fallback`."""
+        from tinyrl.checkpoint import restore_rng
+
+        restore_rng(by_rank[self.rank] if by_rank and len(by_rank) == self.size else fallback)
+
+    def lockstep(self, items: Sequence) -> Iterator:
+        """Each of `items`, then None until this rank has had as many turns as the rank with the most. Under FSDP
+        every forward/backward pass is a collective, so a rank out of items runs a pass that changes nothing on
+        each None."""
+        for i in range(int(self.max(len(items)))):
+            yield items[i] if i < len(items) else None
 
     # ------------------------------------------------------------------ models
     def shard(self, model, *, compute_dtype: torch.dtype = torch.float32, cpu_offload: bool = False):
@@ -382,6 +496,13 @@ def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+
+
+def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with zero columns appended up to `width` (1-D tensors are returned as they are)."""
+    if tensor.dim() == 1 or tensor.shape[1] == width:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
 
 
 def check_sharded(model, size: int) -> None:

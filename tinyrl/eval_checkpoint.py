@@ -1,116 +1,12 @@
-"""Evaluate a policy on held-out problems: greedy accuracy, pass@k from samples, rewards, lengths.
-
-`evaluate_policy` measures a policy on a problem set; the trainer runs its parts (`sample_eval` on each rank's
-share, `summarize_samples` on them all) before, during and after RL. `evaluate_checkpoint` is `tinyrl-eval`: the
-same measurement on any saved checkpoint (a run's `checkpoints/step_*/actor`, `sft_model`, or any HF model dir).
+"""`tinyrl-eval`: the held-out measurement of a run (tinyrl/evaluate.py) on any saved checkpoint (a run's
+`checkpoints/step_*/actor`, `sft_model`, or any Hugging Face model directory), with the task and generation
+settings of the run that wrote it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-
-from tinyrl.evaluate import summarize_eval, write_eval_results
-from tinyrl.monitor import call_with_timeout
-from tinyrl.rollout import SamplingConfig
-
-
-@dataclass
-class EvalSamples:
-    """What evaluating some problems produced: greedy completions and their rewards, and per problem the
-    rewards of `pass_k` samples (None without pass@k). Parts for disjoint problem ranges concatenate (`+`)."""
-
-    completions: list
-    rewards: list
-    sampled: list | None = None
-
-    def __add__(self, other: "EvalSamples") -> "EvalSamples":
-        sampled = None if self.sampled is None else self.sampled + other.sampled
-        return EvalSamples(self.completions + other.completions, self.rewards + other.rewards, sampled)
-
-
-def sample_eval(
-    engine,
-    scorer,
-    task,
-    rows: Sequence[dict],
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pass_k: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    timeout_s: float = float("inf"),
-    step: int = 0,
-    prompt_offset: int = 0,
-) -> EvalSamples:
-    """Greedy completions of `rows` (and `pass_k` samples each) with their rewards.
-
-    `prompt_offset`: the position of `rows[0]` in the whole evaluation set, so that a share of the set draws
-    the samples the whole set would (see `SamplingConfig.prompt_offset`).
-    """
-    stop = tuple(getattr(task, "stop", ()))
-    feedback = getattr(task, "feedback", None)
-    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, feedback=feedback)
-    completions = call_with_timeout(engine.generate, timeout_s, "evaluation", prompt_ids, greedy)
-    rewards = scorer.score([c.text for c in completions], list(rows), [c.token_ids for c in completions])
-    sampled = None
-    if pass_k > 0:
-        sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens, n=pass_k, temperature=max(temperature, 1e-5), top_p=top_p, stop=stop,
-            seed=int(np.random.default_rng([seed, step, 99]).integers(0, 2**62)), prompt_offset=prompt_offset,
-            feedback=feedback,
-        )
-        many = call_with_timeout(engine.generate, timeout_s, "evaluation sampling", prompt_ids, sampling)
-        many_rewards = scorer.score(
-            [c.text for c in many], [rows[c.prompt_index] for c in many], [c.token_ids for c in many]
-        )
-        sampled = [many_rewards[i * pass_k : (i + 1) * pass_k] for i in range(len(rows))]
-    return EvalSamples(list(completions), list(rewards), sampled)
-
-
-def summarize_samples(samples: EvalSamples, pass_k: int = 0) -> dict:
-    """`summarize_eval` of what `sample_eval` produced (pass@1, @k/2 and @k when pass_k > 0)."""
-    ks = sorted({1, pass_k} | ({pass_k // 2} if pass_k >= 4 else set())) if pass_k > 0 else []
-    return summarize_eval(samples.rewards, samples.sampled, ks, [len(c.token_ids) for c in samples.completions])
-
-
-def evaluate_policy(
-    engine,
-    scorer,
-    task,
-    tokenizer,
-    rows: Sequence[dict],
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pass_k: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    timeout_s: float = float("inf"),
-    run_dir: str | Path | None = None,
-    step: int = 0,
-) -> dict:
-    """Greedy accuracy on `rows` (and pass@1..k from `pass_k` samples at `temperature` when pass_k > 0)."""
-    samples = sample_eval(
-        engine, scorer, task, rows, prompt_ids, max_new_tokens=max_new_tokens, pass_k=pass_k,
-        temperature=temperature, top_p=top_p, seed=seed, timeout_s=timeout_s, step=step,
-    )
-    summary = summarize_samples(samples, pass_k)
-    if run_dir is not None:
-        write_eval_samples(run_dir, step, summary, tokenizer, prompt_ids, samples)
-    return summary
-
-
-def write_eval_samples(run_dir, step: int, summary: dict, tokenizer, prompt_ids, samples: EvalSamples) -> Path:
-    """`write_eval_results` for what `sample_eval` produced."""
-    prompts = [tokenizer.decode(p) for p in prompt_ids]
-    return write_eval_results(run_dir, step, summary, prompts, [c.text for c in samples.completions], samples.rewards)
 
 
 # tinyrl-eval keys and the run config keys they default to for a checkpoint written by a run
@@ -186,10 +82,12 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
     import torch
 
     from tinyrl.devices import resolve_device
+    from tinyrl.evaluate import evaluate_policy
     from tinyrl.models import load_policy
     from tinyrl.prompts import encode_prompts
+    from tinyrl.reward_workers import scorer_from_config
     from tinyrl.rollout import make_engine
-    from tinyrl.task import RewardScorer, TooFewProblems, get_task
+    from tinyrl.task import TooFewProblems, get_task
 
     refuse_training_only_keys(overrides)
     cfg, run_dir = with_run_settings(cfg, overrides)
@@ -206,9 +104,7 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
     model, tokenizer = load_policy(cfg.checkpoint, device=device)
     prompt_ids = encode_prompts(task, rows, tokenizer, cfg.template, int(cfg.max_prompt_tokens), cfg.split)
     engine = make_engine("hf", model, tokenizer, batch_size=int(cfg.batch_size))
-    limits = {"cpu_s": float(cfg.task.get("reward_cpu_s", 10.0)), "memory_mb": int(cfg.task.get("reward_memory_mb", 4096))}
-    timeout = float(cfg.task.get("reward_timeout_s", 5.0))
-    with RewardScorer(task, workers=int(cfg.task.reward_workers), timeout=timeout, **limits) as scorer:
+    with scorer_from_config(task, cfg.task) as scorer:
         summary = evaluate_policy(
             engine, scorer, task, tokenizer, rows, prompt_ids, max_new_tokens=int(cfg.max_response_tokens),
             pass_k=int(cfg.pass_k), temperature=float(cfg.temperature), top_p=float(cfg.top_p), seed=int(cfg.seed),

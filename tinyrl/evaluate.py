@@ -1,7 +1,10 @@
-"""Evaluation maths and aggregation: greedy accuracy, unbiased pass@k, reward and length statistics.
+"""Evaluation on held-out problems: greedy accuracy, unbiased pass@k, reward and length statistics.
 
-Generation is the caller's job (any rollout engine, any checkpoint); this module turns the verifier's
-`Reward`s into the figures a run reports and writes them, with a sample of completions, to the run directory.
+`sample_eval` generates with any rollout engine (greedy, and `pass_k` samples per problem) and scores with a
+`RewardScorer`; `summarize_samples` / `summarize_eval` turn the verifier's `Reward`s into the figures a run
+reports; `write_eval_samples` / `write_eval_results` write them, with a sample of completions, to the run
+directory. `evaluate_policy` is all three on one problem set, `evaluate_on_ranks` the same split over the ranks
+(what the trainer runs); `tinyrl-eval` (tinyrl/eval_checkpoint.py) runs `evaluate_policy` on a saved checkpoint.
 Accuracy counts only `Reward.correct`: a format bonus can raise `mean_reward` but never `accuracy`. A figure the
 rewards cannot speak for is None, "not reported" (accuracy when no reward judges correctness, as with TRL reward
 functions none of which is named the correctness signal); rewards that do not apply are left out of every figure
@@ -16,15 +19,135 @@ import numbers
 import os
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from tinyrl.monitor import call_with_timeout
+from tinyrl.rollout import SamplingConfig
 from tinyrl.task import reward_rates
 
 if TYPE_CHECKING:
     from tinyrl.task import Reward
 
-__all__ = ["pass_at_k", "summarize_eval", "eval_metrics", "write_eval_results"]
+__all__ = [
+    "EvalSamples", "eval_metrics", "evaluate_on_ranks", "evaluate_policy", "pass_at_k", "sample_eval", "summarize_eval",
+    "summarize_samples", "write_eval_results", "write_eval_samples",
+]
+
+
+@dataclass
+class EvalSamples:
+    """What evaluating some problems produced: greedy completions and their rewards, and per problem the
+    rewards of `pass_k` samples (None without pass@k). Parts for disjoint problem ranges concatenate (`+`)."""
+
+    completions: list
+    rewards: list
+    sampled: list | None = None
+
+    def __add__(self, other: "EvalSamples") -> "EvalSamples":
+        sampled = None if self.sampled is None else self.sampled + other.sampled
+        return EvalSamples(self.completions + other.completions, self.rewards + other.rewards, sampled)
+
+
+def sample_eval(
+    engine,
+    scorer,
+    task,
+    rows: Sequence[dict],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pass_k: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    timeout_s: float = float("inf"),
+    step: int = 0,
+    prompt_offset: int = 0,
+) -> EvalSamples:
+    """Greedy completions of `rows` (and `pass_k` samples each) with their rewards.
+
+    `prompt_offset`: the position of `rows[0]` in the whole evaluation set, so that a share of the set draws
+    the samples the whole set would (see `SamplingConfig.prompt_offset`).
+    """
+    stop = tuple(getattr(task, "stop", ()))
+    feedback = getattr(task, "feedback", None)
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, feedback=feedback)
+    completions = call_with_timeout(engine.generate, timeout_s, "evaluation", prompt_ids, greedy)
+    rewards = scorer.score([c.text for c in completions], list(rows), [c.token_ids for c in completions])
+    sampled = None
+    if pass_k > 0:
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, n=pass_k, temperature=max(temperature, 1e-5), top_p=top_p, stop=stop,
+            seed=int(np.random.default_rng([seed, step, 99]).integers(0, 2**62)), prompt_offset=prompt_offset,
+            feedback=feedback,
+        )
+        many = call_with_timeout(engine.generate, timeout_s, "evaluation sampling", prompt_ids, sampling)
+        many_rewards = scorer.score(
+            [c.text for c in many], [rows[c.prompt_index] for c in many], [c.token_ids for c in many]
+        )
+        sampled = [many_rewards[i * pass_k : (i + 1) * pass_k] for i in range(len(rows))]
+    return EvalSamples(list(completions), list(rewards), sampled)
+
+
+def summarize_samples(samples: EvalSamples, pass_k: int = 0) -> dict:
+    """`summarize_eval` of what `sample_eval` produced (pass@1, @k/2 and @k when pass_k > 0)."""
+    ks = sorted({1, pass_k} | ({pass_k // 2} if pass_k >= 4 else set())) if pass_k > 0 else []
+    return summarize_eval(samples.rewards, samples.sampled, ks, [len(c.token_ids) for c in samples.completions])
+
+
+def evaluate_policy(
+    engine,
+    scorer,
+    task,
+    tokenizer,
+    rows: Sequence[dict],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pass_k: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    timeout_s: float = float("inf"),
+    run_dir: str | Path | None = None,
+    step: int = 0,
+) -> dict:
+    """Greedy accuracy on `rows` (and pass@1..k from `pass_k` samples at `temperature` when pass_k > 0)."""
+    samples = sample_eval(
+        engine, scorer, task, rows, prompt_ids, max_new_tokens=max_new_tokens, pass_k=pass_k,
+        temperature=temperature, top_p=top_p, seed=seed, timeout_s=timeout_s, step=step,
+    )
+    summary = summarize_samples(samples, pass_k)
+    if run_dir is not None:
+        write_eval_samples(run_dir, step, summary, tokenizer, prompt_ids, samples)
+    return summary
+
+
+def evaluate_on_ranks(world, engine, scorer, task, tokenizer, rows: Sequence[dict],
+                      prompt_ids: Sequence[Sequence[int]], *, run_dir: str | Path, step: int, pass_k: int = 0,
+                      **sampling: Any) -> dict:
+    """`evaluate_policy` with the problems split over the ranks of `world` (`tinyrl.distributed.World`): each rank
+    samples and scores a contiguous share, drawing the samples the whole set would; the summary covers them all and
+    rank 0 writes `run_dir/eval/step_*.json`. `sampling`: `sample_eval`'s `max_new_tokens`, `temperature`, `top_p`,
+    `seed`, `timeout_s`. Collective."""
+    share = world.share(len(rows))
+    part = sample_eval(engine, scorer, task, rows[share.start : share.stop], prompt_ids[share.start : share.stop],
+                       pass_k=pass_k, step=step, prompt_offset=share.start, **sampling)
+    samples = world.concat(part)
+    summary = summarize_samples(samples, pass_k)
+    if world.is_main:
+        write_eval_samples(run_dir, step, summary, tokenizer, prompt_ids, samples)
+    return summary
+
+
+def write_eval_samples(run_dir, step: int, summary: dict, tokenizer, prompt_ids, samples: EvalSamples) -> Path:
+    """`write_eval_results` for what `sample_eval` produced."""
+    prompts = [tokenizer.decode(p) for p in prompt_ids]
+    return write_eval_results(run_dir, step, summary, prompts, [c.text for c in samples.completions], samples.rewards)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -6,11 +6,12 @@
     prepare_run     the run directory (a used one is refused unless resuming), the checkpoint to continue from
     base_model      the model RL starts from before distillation (the tiny local model when `model.path` is null)
     starting_policy the policy RL starts from: a resumed checkpoint, a distilled model, or the base model
-    distil          the supervised warm start, checkpointed and resumable like RL
+    distil          (tinyrl/sft.py) the supervised warm start, checkpointed and resumable like RL
     rl_trainer      the RL trainer, with a resumed run's state
     run_rl          evaluate, run RL steps (`RLTrainer.fit`), evaluate again
     finish          the final checkpoint, `summary.json` and the curves
-    distillation_baselines  (when `baseline.enabled`) distillation-only arms given the RL phase's seconds
+    distillation_baselines  (tinyrl/baselines.py, when `baseline.enabled`) distillation-only arms given the RL
+                    phase's seconds
     closing         the closing console lines
 
 Under torchrun every rank runs `train`: rank 0 decides the run directory and what to resume and tells the
@@ -23,33 +24,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import signal
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tinyrl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from tinyrl.baselines import distillation_baselines
+from tinyrl.checkpoint import latest_checkpoint, load_checkpoint_state
 from tinyrl.compose import config_from_dict
 from tinyrl.config import ConfigError, TrainConfig, to_config
 from tinyrl.console import Console, held_out_line, summary_lines
-from tinyrl.devices import resolve_attn_implementation, resolve_dtype
+from tinyrl.devices import resolve_attn_implementation
 from tinyrl.distributed import World, init_world
 from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, Progress, read_metrics, rewind_metrics
+from tinyrl.metrics import rewind_metrics
 from tinyrl.preflight import preflight
 from tinyrl.prompts import template_line
+from tinyrl.rollout import engine_class
 from tinyrl.rundir import (
-    CONFIG_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
-    resumed_config, resuming,
+    CONFIG_FILE, SUMMARY_FILE, changed_on_resume, check_unused, default_run_dir, resume_checkpoint, resume_target,
+    resumed_config, resuming, write_json,
 )
+from tinyrl.sft import distil
 from tinyrl.task import TooFewProblems, get_task
 from tinyrl.trainer import RLTrainer
 
@@ -134,10 +134,12 @@ def load_problems(cfg: TrainConfig):
             f"sft.traces_path: task {cfg.task.name!r} has no demonstration() to distil from; pass "
             f"sft.traces_path=traces.jsonl or sft.enabled=false"
         )
-    if getattr(task, "feedback", None) is not None and cfg.rollout.engine != "hf":
+    engine = engine_class(cfg.rollout.engine, cfg.rollout.layout)
+    if getattr(task, "feedback", None) is not None and not engine.environment_feedback:
         raise ConfigError(
             f"rollout.engine: task {cfg.task.name!r} writes into its completions (an environment such as a "
-            f"calculator), which only the hf engine supports; pass rollout=hf or turn the environment off"
+            f"calculator), which the {cfg.rollout.engine} engine cannot do (the hf engine can); pass rollout=hf or "
+            f"turn the environment off"
         )
     train_rows = _problems(task, "train", cfg.task.train_size, cfg.task.data_seed, "task.train_size")
     eval_rows = _problems(task, cfg.task.eval_split, cfg.task.eval_size, cfg.task.data_seed, "task.eval_size")
@@ -242,76 +244,6 @@ def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows
     return policy, tokenizer, summary, start_path
 
 
-def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device,
-           checkpoint: Path | None, console: Console, *, steps: int | None = None, out_name: str = "sft_model",
-           log_name: str = "sft") -> dict:
-    """Supervised warm start on teacher traces for `steps` (default `sft.steps`), continuing from `checkpoint` (in
-    `run_dir/log_name/checkpoints`) when given; checkpoints every `sft.save_every` steps and on SIGTERM/SIGINT;
-    saves `run_dir/out_name/` atomically (and, for the warm start itself, `sft_summary.json`)."""
-    from tinyrl.sft import read_traces, run_sft, task_traces, tokenize_traces
-
-    if cfg.sft.traces_path:
-        pairs = read_traces(cfg.sft.traces_path, tokenizer)
-    else:
-        pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
-    examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
-    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    sft_cfg = replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps)
-    sft_run = run_dir / log_name
-    if sft_run.is_dir():  # a resumed distillation: rows after its checkpoint are re-run
-        rewind_metrics(sft_run, state["metrics_offset"] if state is not None else 0)
-    sft_log = MetricsWriter(sft_run)
-
-    def save(step: int, sft_state: dict) -> None:
-        sft_state["metrics_offset"] = sft_log.offset()
-        save_checkpoint(sft_run, step, {"actor": policy}, tokenizer, sft_state, keep_last=1)
-
-    done = state["step"] if state is not None else 0
-    console.say(f"distillation: {len(examples)} teacher traces, {sft_cfg.steps} steps of {sft_cfg.batch_size}"
-                + (f", continuing after step {done}" if done else ""))
-    progress = None
-    if sft_cfg.steps:
-        progress = Progress(sft_cfg.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step")
-    try:
-        with _stop_requests() as stop:
-            summary = run_sft(
-                policy, examples, sft_cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
-                dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-                log=sft_log.write, log_every=min(50, max(1, sft_cfg.steps // 10)), progress=progress, state=state,
-                save=save, should_stop=lambda: stop["signal"] is not None,
-            )
-    finally:
-        sft_log.close()
-        if progress is not None:
-            progress.close()
-    out_dir, staging = run_dir / out_name, run_dir / f"{out_name}.tmp"
-    policy.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():  # a baseline arm redone after a kill between its save and the summary
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    if out_name == "sft_model":
-        (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(sft_run / "checkpoints", ignore_errors=True)  # sft_model/ supersedes them
-    return summary
-
-
-@contextmanager
-def _stop_requests():
-    """SIGTERM/SIGINT set `stop["signal"]` instead of interrupting, so the running step finishes and saves."""
-    stop: dict[str, int | None] = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def rl_trainer(cfg: TrainConfig, run: Run, world: World, policy, tokenizer, start_path: Path, task, train_rows,
                eval_rows) -> RLTrainer:
     """The RL trainer over the starting policy; a resumed run gets its checkpoint's state, and the metrics rows
@@ -321,7 +253,7 @@ def rl_trainer(cfg: TrainConfig, run: Run, world: World, policy, tokenizer, star
     trainer = RLTrainer.from_config(
         cfg, run_dir=run.dir, policy=policy, tokenizer=tokenizer, start_path=start_path,
         critic_path=run.checkpoint / "critic" if run.checkpoint is not None else None,
-        task=task, train_rows=train_rows, eval_rows=eval_rows,
+        task=task, train_rows=train_rows, eval_rows=eval_rows, fresh_run=False,  # prepare_run made the directory
     )
     if run.state is not None:
         trainer.resume(run.checkpoint, run.state)
@@ -373,7 +305,8 @@ def _fingerprint(rows: list[dict]) -> str:
 
 def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eval_problems: int,
            started: float) -> dict:
-    """Write the final checkpoint, `summary.json` and `curves.png` (rank 0); return the summary."""
+    """Write the final checkpoint, `curves.png` (when the trainer closes) and `summary.json` (rank 0); return the
+    summary."""
     from tinyrl.reward_report import reward_error_summary
 
     summary.update(
@@ -392,11 +325,7 @@ def finish(cfg: TrainConfig, trainer: RLTrainer, summary: dict, after: dict, eva
     trainer.save()
     trainer.close()
     if trainer.world.is_main:
-        _write_summary(trainer.run_dir, summary)
-        if cfg.logging.plot:
-            from tinyrl.plots import plot_run
-
-            plot_run(trainer.run_dir)
+        write_json(trainer.run_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -404,104 +333,6 @@ def closing(summary: dict, console: Console) -> None:
     """The closing lines: held-out accuracy before and after RL, the baseline arms if run, the files to open."""
     for line in summary_lines(summary):
         console.say(line)
-
-
-def rl_phase_seconds(run_dir: Path) -> float:
-    """Seconds the RL steps took, from `metrics.jsonl`: every phase of every step except evaluation (the last row
-    of each step counts, should a step have been written twice)."""
-    steps = {row["step"]: row for row in read_metrics(run_dir) if "reward/mean" in row}
-    return sum(v or 0.0 for row in steps.values() for k, v in row.items() if k.startswith("time/") and k != "time/evaluate")
-
-
-def distillation_baselines(
-    cfg: TrainConfig, run_dir: Path, base_path: str, task, train_rows: list[dict], eval_rows: list[dict], summary: dict,
-    world: World, console: Console,
-) -> dict:
-    """Distillation-only arms in the RL arm's time, greedy-evaluated on the same held-out problems.
-
-    Each arm of `baseline.arms` distils with its own teacher (`task.kwargs` updated by the arm's `task_kwargs`) on
-    the same training problems: from `sft_model/` for as many distillation steps as the RL phase's seconds buy at
-    the measured seconds per distillation step (`start: distilled`), or from the base model for the distillation
-    steps plus those (`start: base`). The RL arm's final policy is answered again on the same problems, so each
-    arm's gap to it comes with the standard error of a paired difference: se = std(d_i) / sqrt(n), d_i = c_rl,i -
-    c_arm,i for per-problem correctness c. Results go into `summary.json` under `baseline`; models under `baselines/`.
-    A killed run resumed with `resume=true` keeps the arms it finished (`baselines/armN.json`) and continues the
-    arm it was in from that arm's last distillation checkpoint.
-    """
-    from tinyrl.models import load_policy
-    from tinyrl.reward_workers import RewardScorer
-
-    attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
-    rl_seconds = rl_phase_seconds(run_dir)
-    per_step = summary["sft_seconds"] / max(1, summary["sft_steps"])
-    extra_steps = max(1, round(rl_seconds / per_step))
-    (run_dir / "baselines").mkdir(exist_ok=True)
-    console.say(f"distillation-only baselines: {len(cfg.baseline.arms)} arm(s); the RL phase's {rl_seconds:.1f} s buy "
-                f"{extra_steps} distillation steps at {per_step:.2f} s each")
-    arms = []
-    with RewardScorer(task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s,
-                      cpu_s=cfg.task.reward_cpu_s, memory_mb=cfg.task.reward_memory_mb) as scorer:
-        final, final_tokenizer = load_policy(latest_checkpoint(run_dir) / "actor", device=world.device,
-                                             attn_implementation=attention)
-        rl_correct = _greedy_correct(cfg, final, final_tokenizer, task, eval_rows, scorer)
-        del final
-        for i, arm in enumerate(cfg.baseline.arms):
-            steps = extra_steps if arm.start == "distilled" else summary["sft_steps"] + extra_steps
-            record = {"name": arm.name, "task_kwargs": dict(arm.task_kwargs), "start": arm.start, "steps": steps}
-            name, done_file = f"baselines/arm{i}", run_dir / "baselines" / f"arm{i}.json"
-            if done_file.exists() and _same_arm(json.loads(done_file.read_text()), record):
-                arms.append(json.loads(done_file.read_text()))
-                continue
-            teacher = get_task(cfg.task.name, **{**cfg.task.kwargs, **arm.task_kwargs})
-            checkpoint = latest_checkpoint(run_dir / f"{name}_sft")
-            start = checkpoint / "actor" if checkpoint is not None else (
-                run_dir / "sft_model" if arm.start == "distilled" else Path(base_path))
-            console.say(f"baseline arm {arm.name!r}: distillation from {start}")
-            policy, tokenizer = load_policy(start, device=world.device, attn_implementation=attention)
-            trained = distil(cfg, run_dir, policy, tokenizer, teacher, train_rows, world.device, checkpoint, console,
-                             steps=steps, out_name=name, log_name=f"{name}_sft")
-            correct = _greedy_correct(cfg, policy, tokenizer, task, eval_rows, scorer)
-            del policy
-            diffs = [float(a) - float(b) for a, b in zip(rl_correct, correct)]
-            record.update(sft_seconds=trained["sft_seconds"], accuracy=sum(correct) / len(correct),
-                          rl_gain=sum(diffs) / len(diffs), rl_gain_se=_standard_error(diffs))
-            _write_json(done_file, record)
-            arms.append(record)
-            console.say(f"baseline arm {arm.name!r}: held-out accuracy {record['accuracy']:.3f} after {steps} "
-                        f"distillation steps")
-    best = max(arms, key=lambda a: a["accuracy"])
-    summary["baseline"] = {
-        "rl_seconds": rl_seconds, "sft_seconds_per_step": per_step, "extra_steps": extra_steps, "arms": arms,
-        "rl_accuracy_rechecked": sum(rl_correct) / len(rl_correct), "best": best["name"],
-        "best_accuracy": best["accuracy"], "rl_gain_over_best": best["rl_gain"], "rl_gain_over_best_se": best["rl_gain_se"],
-    }
-    _write_summary(run_dir, summary)
-    return summary
-
-
-def _same_arm(done: dict, record: dict) -> bool:
-    return all(done.get(key) == value for key, value in record.items())
-
-
-def _greedy_correct(cfg: TrainConfig, policy, tokenizer, task, rows: list[dict], scorer) -> list[bool]:
-    """Whether each held-out problem's greedy answer is right, decoded and scored as the RL arm's evaluation does."""
-    from tinyrl.eval_checkpoint import sample_eval
-    from tinyrl.prompts import encode_prompts
-    from tinyrl.rollout import make_engine
-
-    prompts = encode_prompts(task, rows, tokenizer, cfg.model.template, cfg.rollout.max_prompt_tokens, "evaluation")
-    engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout.batch_size)
-    samples = sample_eval(engine, scorer, task, rows, prompts, max_new_tokens=cfg.rollout.max_response_tokens,
-                          seed=cfg.seed, timeout_s=cfg.rollout.timeout_s)
-    return [bool(r.correct) for r in samples.rewards]
-
-
-def _standard_error(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def _cpu_seconds() -> float:
@@ -512,18 +343,8 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _write_summary(run_dir: Path, summary: dict) -> None:
-    _write_json(run_dir / "summary.json", summary)
-
-
-def _write_json(path: Path, record: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(record, indent=2))
-    os.replace(staging, path)
-
-
 def _already_finished(cfg: TrainConfig, run: Run, world: World) -> dict:
-    summary_path = run.dir / "summary.json"
+    summary_path = run.dir / SUMMARY_FILE
     message = f"run in {run.dir} already finished {run.state['step']} of {cfg.trainer.steps} steps; nothing to resume"
     result = None
     if world.is_main:

@@ -1,5 +1,5 @@
-"""Run records: `metrics.jsonl` (append-only, one row per step), optional TensorBoard/W&B sinks, a console
-progress line, and sample completions with reward-hacking signals for a person to read.
+"""Run records: `metrics.jsonl` (append-only, one row per step), optional TensorBoard/W&B sinks, and sample
+completions with reward-hacking signals for a person to read. (What a run prints is tinyrl/console.py.)
 
 `metrics.jsonl` is the source of truth: rows are appended, flushed and fsynced one at a time and never rewritten.
 On resume, rows written after the checkpoint are moved (not deleted) to `metrics.discarded.jsonl`.
@@ -12,9 +12,7 @@ import logging
 import math
 import numbers
 import os
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -30,7 +28,6 @@ __all__ = [
     "NullWriter",
     "rewind_metrics",
     "read_metrics",
-    "Progress",
     "write_samples",
 ]
 
@@ -253,114 +250,6 @@ def read_metrics(path_or_run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"read_metrics: {path}, line {number} is not an object with a 'step' key")
         rows.append(row)
     return rows
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _format_figure(value: Any) -> str:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return str(value)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return f"{value:.4g}"
-
-
-class Progress:
-    """One console line per update with step, rate, ETA and key figures.
-
-    `label` names what is counted ("RL step", "distillation step"). On a TTY the line is redrawn in place (at
-    most every `min_interval_s`, default 0.2 s); otherwise (log files, CI) a plain line is printed at most every
-    `min_interval_s` (default 30 s). The first update and the last step are always shown. ETA is measured from
-    the steps done by this process, so a resumed run (`start_step` > 0) gets an honest estimate. `enabled=False`
-    makes every call a no-op (quiet runs); `note` prints a line of its own between updates.
-    """
-
-    def __init__(
-        self,
-        total_steps: int,
-        start_step: int = 0,
-        stream: IO[str] | None = None,
-        min_interval_s: float | None = None,
-        width: int = 20,
-        clock: Callable[[], float] = time.monotonic,
-        enabled: bool = True,
-        label: str = "step",
-    ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"Progress: total_steps must be an int >= 1, got {total_steps!r}")
-        if not 0 <= start_step <= total_steps:
-            raise ValueError(f"Progress: start_step must be in [0, {total_steps}], got {start_step!r}")
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self.stream = stream if stream is not None else sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.min_interval_s = min_interval_s if min_interval_s is not None else (0.2 if self.tty else 30.0)
-        self.width = width
-        self.enabled = enabled
-        self.label = label
-        self._clock = clock
-        self._t0 = clock()
-        self._last_shown: float | None = None
-        self._last_len = 0
-
-    def format(self, step: int, figures: Mapping[str, Any] | None = None) -> str:
-        """The progress line for `step` steps done (no ANSI codes, no line ending)."""
-        done = min(max(step, 0), self.total_steps)
-        frac = done / self.total_steps
-        filled = int(round(frac * self.width))
-        parts = [f"{self.label} {step}/{self.total_steps} [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%}"]
-        steps_here = step - self.start_step
-        if steps_here > 0:
-            per_step = (self._clock() - self._t0) / steps_here
-            parts.append(f"{per_step:.3g} s/step")
-            parts.append(f"ETA {format_duration(per_step * max(self.total_steps - step, 0))}")
-        for key, value in (figures or {}).items():
-            parts.append(f"{key} {_format_figure(value)}")
-        return " | ".join(parts)
-
-    def update(self, step: int, figures: Mapping[str, Any] | None = None) -> bool:
-        """Show progress after `step` steps; returns True when a line was written (rate-limited)."""
-        if not self.enabled:
-            return False
-        now = self._clock()
-        final = step >= self.total_steps
-        if self._last_shown is not None and not final and now - self._last_shown < self.min_interval_s:
-            return False
-        self._last_shown = now
-        line = self.format(step, figures)
-        if self.tty:
-            pad = " " * max(self._last_len - len(line), 0)
-            self.stream.write("\r" + line + pad + ("\n" if final else ""))
-            self._last_len = 0 if final else len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        return True
-
-    def note(self, text: str) -> None:
-        """A line of its own between progress lines (e.g. a held-out accuracy): never rate-limited, and on a
-        terminal it replaces the progress line, which the next update redraws below it."""
-        if not self.enabled:
-            return
-        if self.tty:
-            text = "\r" + text + " " * max(self._last_len - len(text), 0)
-            self._last_len = 0
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """End a TTY line left open by an interrupted run."""
-        if self.tty and self._last_len:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._last_len = 0
 
 
 def _shortened(text: str, max_chars: int, keep: str = "head") -> str:

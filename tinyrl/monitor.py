@@ -1,8 +1,10 @@
-"""Failure handling for the training loop: per-phase timing and error context, non-finite guards, timeouts.
+"""Failure handling for the training loop: per-phase timing and error context, non-finite guards, timeouts,
+stop signals.
 
 Every error that escapes a phase names the step and the phase it happened in; an out-of-memory error also
 names the config keys that reduce memory; a NaN/inf loss skips the update until a limit is reached; a call that
-may hang (weight sync, generation) raises `TimeoutError` instead.
+may hang (weight sync, generation) raises `TimeoutError` instead; SIGTERM and SIGINT ask a loop to stop after its
+current step (`stop_requests`) instead of killing it mid-write.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +30,7 @@ __all__ = [
     "NonFiniteGuard",
     "call_with_timeout",
     "is_out_of_memory",
+    "stop_requests",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,3 +221,20 @@ def call_with_timeout(fn: Callable[..., T], timeout_s: float, what: str, *args: 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, int | None]]:
+    """While the block runs, SIGTERM and SIGINT set `stop["signal"]` instead of interrupting, so a loop finishes
+    its current step, saves, and stops; the previous handlers come back afterwards."""
+    stop: dict[str, int | None] = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

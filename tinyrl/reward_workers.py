@@ -760,3 +760,18 @@ def score_batch(
     """Score one batch with a throw-away RewardScorer (prefer one long-lived RewardScorer for many batches)."""
     with RewardScorer(task, workers=workers, timeout=timeout, **limits) as scorer:
         return scorer.score(completions, rows)
+
+
+def scorer_from_config(task: Task, task_config: Any, on_errors: Callable | None = None) -> RewardScorer:
+    """The `RewardScorer` a config's `task` node asks for: `reward_workers` processes under the `reward_timeout_s`,
+    `reward_cpu_s` and `reward_memory_mb` limits. A key the node lacks (a tinyrl-eval task file need not state
+    them) takes the training schema's default (`tinyrl.config.TaskConfig`)."""
+    from tinyrl.config import TaskConfig
+
+    def setting(key: str) -> Any:
+        return getattr(task_config, key, getattr(TaskConfig, key))
+
+    return RewardScorer(
+        task, workers=int(setting("reward_workers")), timeout=float(setting("reward_timeout_s")),
+        cpu_s=float(setting("reward_cpu_s")), memory_mb=int(setting("reward_memory_mb")), on_errors=on_errors,
+    )

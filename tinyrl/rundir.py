@@ -7,7 +7,9 @@ with (`config.yaml` in its directory): overrides given with `resume` may change 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,6 +21,7 @@ from tinyrl.metrics import rewind_metrics
 log = logging.getLogger("tinyrl")
 
 CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
 
 # Keys a resumed run may change: none of them changes the problems, the model or the arithmetic of an update.
 SAFE_ON_RESUME = (
@@ -141,6 +144,13 @@ def check_unused(run_dir: Path) -> None:
             f"run_dir={run_dir}: the directory is already used ({held}, ...); continue that run with "
             f"run_dir={run_dir} resume=true, or start a new one in another run_dir"
         )
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write `record` to `path` under a temporary name and rename it, so a reader never sees half of it."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=2))
+    os.replace(staging, path)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -1,4 +1,5 @@
-"""Supervised warm start on teacher traces (s1-style distillation) before RL.
+"""Supervised warm start on teacher traces (s1-style distillation) before RL: `run_sft` (the loop) and `distil`
+(a run's distillation stage: traces, checkpoints, resume, the saved model).
 
 Traces are (prompt, completion) pairs: from a JSONL file (`{"prompt", "completion"}` rows, or `{"messages"}` rows whose
 last message is the assistant's), or written by the task's own teacher (`task.demonstration(row)`, e.g. Countdown's
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,9 +26,12 @@ import numpy as np
 import torch
 
 from tinyrl.batch import build_batch, split_by_tokens
-from tinyrl.checkpoint import capture_rng, restore_rng
-from tinyrl.config import SFTConfig
-from tinyrl.metrics import Progress
+from tinyrl.checkpoint import capture_rng, load_checkpoint_state, restore_rng, save_checkpoint
+from tinyrl.config import SFTConfig, TrainConfig
+from tinyrl.console import Console, Progress
+from tinyrl.devices import resolve_dtype
+from tinyrl.metrics import MetricsWriter, rewind_metrics
+from tinyrl.monitor import stop_requests
 from tinyrl.policy_ops import autocast_for, token_logprobs
 from tinyrl.prompts import render_prompt
 
@@ -108,7 +115,7 @@ def run_sft(
     Resumable exactly: `save(step, state)` is called every `cfg.save_every` steps and when `should_stop()` turns
     true (then `DistillationStopped` is raised after the save); passing that `state` back (with the model's
     weights as saved then) continues with the same batches, optimizer moments and schedule.
-    `progress` (a `tinyrl.metrics.Progress`) is updated every step with the loss.
+    `progress` (a `tinyrl.console.Progress`) is updated every step with the loss.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
@@ -182,3 +189,55 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def distil(cfg: TrainConfig, run_dir: Path, policy, tokenizer, task, train_rows: list[dict], device: torch.device,
+           checkpoint: Path | None, console: Console, *, steps: int | None = None, out_name: str = "sft_model",
+           log_name: str = "sft") -> dict:
+    """Supervised warm start on teacher traces for `steps` (default `sft.steps`), continuing from `checkpoint` (in
+    `run_dir/log_name/checkpoints`) when given; checkpoints every `sft.save_every` steps and on SIGTERM/SIGINT;
+    saves `run_dir/out_name/` atomically (and, for the warm start itself, `sft_summary.json`)."""
+    if cfg.sft.traces_path:
+        pairs = read_traces(cfg.sft.traces_path, tokenizer)
+    else:
+        pairs = task_traces(task, train_rows[: cfg.sft.num_traces], tokenizer, cfg.model.template)
+    examples = tokenize_traces(pairs, tokenizer, cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
+    sft_cfg = replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps)
+    sft_run = run_dir / log_name
+    if sft_run.is_dir():  # a resumed distillation: rows after its checkpoint are re-run
+        rewind_metrics(sft_run, state["metrics_offset"] if state is not None else 0)
+    sft_log = MetricsWriter(sft_run)
+
+    def save(step: int, sft_state: dict) -> None:
+        sft_state["metrics_offset"] = sft_log.offset()
+        save_checkpoint(sft_run, step, {"actor": policy}, tokenizer, sft_state, keep_last=1)
+
+    done = state["step"] if state is not None else 0
+    console.say(f"distillation: {len(examples)} teacher traces, {sft_cfg.steps} steps of {sft_cfg.batch_size}"
+                + (f", continuing after step {done}" if done else ""))
+    progress = None
+    if sft_cfg.steps:
+        progress = Progress(sft_cfg.steps, start_step=done, enabled=cfg.logging.progress, label="distillation step")
+    try:
+        with stop_requests() as stop:
+            summary = run_sft(
+                policy, examples, sft_cfg, pad_id=tokenizer.pad_token_id, seed=cfg.seed, device=device,
+                dtype=resolve_dtype(cfg.model.dtype, device), micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                log=sft_log.write, log_every=min(50, max(1, sft_cfg.steps // 10)), progress=progress, state=state,
+                save=save, should_stop=lambda: stop["signal"] is not None,
+            )
+    finally:
+        sft_log.close()
+        if progress is not None:
+            progress.close()
+    out_dir, staging = run_dir / out_name, run_dir / f"{out_name}.tmp"
+    policy.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if out_dir.exists():  # a baseline arm redone after a kill between its save and the summary
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    if out_name == "sft_model":
+        (run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(sft_run / "checkpoints", ignore_errors=True)  # sft_model/ supersedes them
+    return summary

@@ -53,8 +53,6 @@ __all__ = [
     "task_catalog",
     "complete_task",
     "load_object",
-    "RewardScorer",
-    "score_batch",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -464,12 +462,3 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict) -> None:
         hints = "".join(_did_you_mean(u, accepted) for u in unknown[:1])
         raise TaskTypeError(f"task {name!r} got unknown argument(s) {', '.join(unknown)}{hints}; {takes}",
                             key=f"kwargs.{unknown[0]}")
-
-
-def __getattr__(attr: str):
-    # Scoring moved to tinyrl.reward_workers; these names stay importable from here for existing code.
-    if attr in ("RewardScorer", "score_batch"):
-        from tinyrl import reward_workers
-
-        return getattr(reward_workers, attr)
-    raise AttributeError(f"module 'tinyrl.task' has no attribute {attr!r}")

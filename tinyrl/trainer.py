@@ -1,17 +1,16 @@
 """The RL loop: sample, score, estimate advantages, update, sync weights, evaluate, checkpoint.
 
-`RLTrainer.step()` is one RL step, written top to bottom in the order of DESIGN.md ("One training step");
-`RLTrainer.fit()` runs steps with checkpoints. A whole experiment (run directory, distillation, evaluation, RL,
-summary) is `tinyrl.experiment.train(config)`.
+`RLTrainer.step()` is one RL step, written top to bottom in the order of DESIGN.md ("One training step"), and
+its records (a `metrics.jsonl` row, samples, a scheduled held-out evaluation); `RLTrainer.fit()` runs steps with
+checkpoints and stop signals; `close()` ends the records (`curves.png`). The loss of each micro-batch is
+`algorithms.rl_objective`; the trainer meets the other ranks only at named `World` methods. A whole experiment
+(run directory, distillation, evaluation, RL, summary) is `tinyrl.experiment.train(config)`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import signal
-from functools import reduce
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,24 +19,23 @@ import torch
 
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch, build_batch
-from tinyrl.checkpoint import capture_rng, restore_rng
+from tinyrl.checkpoint import capture_rng
 from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
-from tinyrl.console import held_out_line
+from tinyrl.console import Progress, held_out_line
 from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
-from tinyrl.eval_checkpoint import sample_eval, summarize_samples, write_eval_samples
-from tinyrl.evaluate import eval_metrics
-from tinyrl.metrics import MetricsWriter, NullWriter, Progress, write_samples
-from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout
+from tinyrl.evaluate import eval_metrics, evaluate_on_ranks
+from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout, stop_requests
 from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
 from tinyrl.prompts import encode_prompts
-from tinyrl.rollout import SamplingConfig, engine_options, make_engine
-from tinyrl.rundir import default_run_dir
+from tinyrl.records import RunRecords, start_run_dir
+from tinyrl.reward_report import RewardErrorLog, completion_metrics
+from tinyrl.reward_workers import scorer_from_config
+from tinyrl.rollout import RolloutEngine, SamplingConfig, engine_options, make_engine
+from tinyrl.rundir import default_run_dir, resuming
 from tinyrl.sampler import PromptSampler
-from tinyrl.reward_report import RewardErrorLog, component_metrics
-from tinyrl.reward_workers import RewardScorer
-from tinyrl.task import complete_task, get_task, reward_rates
+from tinyrl.task import complete_task, get_task
 
 log = logging.getLogger("tinyrl")
 
@@ -90,11 +88,19 @@ class RLTrainer:
         critic=None,
         engine=None,
         world: World | None = None,
+        *,
+        fresh_run: bool | None = None,
     ):
+        """`fresh_run` (default: unless `cfg.resume`): `run_dir` must be missing or empty, as `tinyrl-train`
+        requires, and the trainer writes the config there; False when the caller prepared the directory (a
+        resumed run, `tinyrl.experiment.train`)."""
         self.cfg = cfg
         self.world = world or init_world(cfg.device, cfg.distributed.timeout_s)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fresh = fresh_run if fresh_run is not None else not resuming(cfg.resume)
+        self.records = RunRecords(self.run_dir, cfg, self.world, lambda i: tokenizer.decode(self.train_prompts[i]),
+                                  fresh=fresh)
+        self.metrics = self.records.metrics  # metrics.jsonl (rank 0)
         self.device = self.world.device
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         if uses_reference(cfg.algorithm) and reference is None:
@@ -109,10 +115,15 @@ class RLTrainer:
         # own, vLLM's external_launcher); the transformers engine samples from the policy module itself, which
         # `shard` changes in place
         self.engine = engine or self._start_engine(policy, tokenizer)
+        if not isinstance(self.engine, RolloutEngine):
+            raise TypeError(f"engine: {type(self.engine).__name__} is not a tinyrl.rollout.RolloutEngine (subclass it)")
+        if getattr(task, "feedback", None) is not None and not self.engine.environment_feedback:
+            raise ValueError(f"the task writes into its completions (feedback), which {type(self.engine).__name__} "
+                             f"cannot do; use an engine with environment_feedback (rollout.engine=hf)")
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
-        self.policy = self.world.shard(policy, **shard_options)
-        self.reference = self.world.shard(reference, **shard_options)
-        self.critic = self.world.shard(critic, **shard_options)
+        self.policy, self.reference, self.critic = (
+            self.world.shard(model, **shard_options) for model in (policy, reference, critic)
+        )
         task = complete_task(task)
         self.tokenizer, self.task = tokenizer, task
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -138,16 +149,9 @@ class RLTrainer:
         self.timer = PhaseTimer(memory_knobs=MEMORY_KNOBS, on_phase=self.world.mark)
         self.step_count = 0
         self.extra_state: dict[str, Any] = {}
-        self.metrics = (
-            MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-            if self.world.is_main else NullWriter()
-        )
-        errors_file = "reward_errors.jsonl" if self.world.is_main else f"reward_errors.rank{self.world.rank}.jsonl"
-        self.reward_errors = RewardErrorLog(self.run_dir / errors_file)  # every rank keeps its own failures
-        self.scorer = RewardScorer(
-            task, workers=cfg.task.reward_workers, timeout=cfg.task.reward_timeout_s, cpu_s=cfg.task.reward_cpu_s,
-            memory_mb=cfg.task.reward_memory_mb, on_errors=self.reward_errors,
-        )
+        self.last_evaluation: dict | None = None  # the held-out evaluation of the latest step, if it had one
+        self.reward_errors = RewardErrorLog(self.records.own_file("reward_errors.jsonl"))  # each rank keeps its own
+        self.scorer = scorer_from_config(task, cfg.task, on_errors=self.reward_errors)
 
     @classmethod
     def from_config(
@@ -163,15 +167,20 @@ class RLTrainer:
         train_rows: list[dict] | None = None,
         eval_rows: list[dict] | None = None,
         world: World | None = None,
+        fresh_run: bool | None = None,
     ) -> "RLTrainer":
         """Build the trainer a config describes: task and splits, policy (unless given), reference, critic.
 
-        `start_path` (default `model.path`) is where the policy, the frozen reference and a fresh critic start.
+        `start_path` (default `model.path`) is where the policy, the frozen reference and a fresh critic start;
+        `fresh_run` as in `RLTrainer`.
         """
         from tinyrl.models import enable_activation_checkpointing, load_critic, load_policy
 
         cfg = config if isinstance(config, TrainConfig) else to_config(config)
         world = world or init_world(cfg.device, cfg.distributed.timeout_s)
+        run_dir = Path(run_dir or default_run_dir(cfg))
+        if fresh_run if fresh_run is not None else not resuming(cfg.resume):
+            start_run_dir(run_dir, cfg, world)  # a used directory is refused before any model loads
         device = world.load_device
         attention = resolve_attn_implementation(cfg.model.attn_implementation, world.device)
         # The frozen reference is stored in the compute dtype (half the memory of float32 on GPU).
@@ -201,8 +210,8 @@ class RLTrainer:
             )
             if cfg.model.gradient_checkpointing:
                 enable_activation_checkpointing(critic)
-        return cls(cfg, run_dir or default_run_dir(cfg), policy, tokenizer, task, train_rows, eval_rows, reference, critic,
-                   world=world)
+        return cls(cfg, run_dir, policy, tokenizer, task, train_rows, eval_rows, reference, critic, world=world,
+                   fresh_run=False)
 
     def _start_engine(self, policy, tokenizer):
         """The rollout engine of `cfg.rollout`, started from the full (not yet sharded) policy. Under torchrun
@@ -213,49 +222,46 @@ class RLTrainer:
                                  device=str(self.device), per_rank=self.world.sharded)
         if options.get("distributed_executor_backend") != "external_launcher":
             return make_engine(cfg.rollout.engine, policy, tokenizer, **options)
-        start = self.run_dir / ".vllm_start_model"
-        if self.world.is_main:
-            shutil.rmtree(start, ignore_errors=True)
+
+        def write(start: Path) -> None:
             policy.save_pretrained(start)
             tokenizer.save_pretrained(start)
-        self.world.barrier("writing the vLLM start weights on rank 0")
-        engine = make_engine(cfg.rollout.engine, policy, tokenizer, model_path=start, **options)
-        self.world.barrier("starting a vLLM engine on every rank")
-        if self.world.is_main:
-            shutil.rmtree(start)
-        return engine
+
+        with self.world.written_by_main(self.run_dir / ".vllm_start_model", write,
+                                        "writing the vLLM start weights on rank 0",
+                                        "starting a vLLM engine on every rank") as start:
+            return make_engine(cfg.rollout.engine, policy, tokenizer, model_path=start, **options)
 
     def close(self) -> None:
-        """Stop the reward workers and the rollout engine, and flush the metrics sinks."""
+        """Stop the reward workers and the rollout engine, and end the run's records (`RunRecords.close`: the
+        latest samples, `curves.png`)."""
         self.scorer.close()
-        if hasattr(self.engine, "close"):
-            self.engine.close()
-        self.metrics.close()
+        self.engine.close()
+        self.records.close()
 
     # ------------------------------------------------------------------ one RL step
     def step(self) -> dict[str, float]:
+        """One RL step; returns its metrics, which are also its row in `metrics.jsonl` (see `_record`)."""
         cfg, a, step = self.cfg, self.cfg.algorithm, self.step_count + 1
         metrics: dict[str, float] = {}
 
         # 1-4. sample prompts, generate n completions each, score them (DAPO dynamic sampling may add rounds)
         groups, scored = self._collect_groups(step)
         num_groups = int(self.world.sum(len(groups)))  # on every rank together
-        outcomes = self._outcomes(scored)
+        outcomes = self.world.concat([(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored])
         limit = cfg.task.reward_error_limit
         self.reward_errors.check([r for r, _, _ in outcomes], limit, step, "task.reward_error_limit")
-        self._rollout_metrics(outcomes, metrics)
-        if cfg.trainer.samples_every and step % cfg.trainer.samples_every == 0:
-            self._write_samples(step, scored)
+        metrics.update(completion_metrics(outcomes))
+        self.records.samples(step, scored)
         if num_groups == 0:
             if self.world.is_main:
                 log.warning("step %d: every group had equal rewards; no update", step)
             metrics["train/groups_used"] = 0.0
             self.step_count = step
-            return {**metrics, **self._timings()}
+            return self._record(step, {**metrics, **self._timings()})
 
-        # a colocated vLLM engine with rollout.sleep_level frees its GPU memory until the weight sync (step 9)
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
+        # an engine that can (a colocated vLLM engine with rollout.sleep_level) frees its memory until step 9
+        self.engine.sleep()
 
         # 5. assemble the batch (a rank whose groups all fell to dynamic sampling keeps in step on a masked row)
         with self.timer.phase("assemble", step):
@@ -290,8 +296,8 @@ class RLTrainer:
 
         # 7. advantages (a reward that does not apply is NaN: left out of the statistics, zero advantage)
         with self.timer.phase("advantages", step):
-            scored = ~torch.isnan(batch.scores)
-            rewards = torch.where(scored, batch.scores, 0.0)
+            applies = ~torch.isnan(batch.scores)
+            rewards = torch.where(applies, batch.scores, 0.0)
             if a.kl_in_reward and batch.ref_logprobs is not None:
                 # token-level rewards: -beta * KL(pi_old || pi_ref) on every token, the outcome on the last one
                 sampler_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
@@ -302,9 +308,8 @@ class RLTrainer:
                     sampler_logprobs, batch.ref_logprobs, a.kl_estimator, response_mask=batch.response_mask
                 )
                 mask = batch.response_mask > 0
-                tokens = self.world.sum(float(mask.sum()))
-                metrics["policy/kl_in_reward"] = self.world.sum(float(kl[mask].sum())) / max(tokens, 1.0)
-            batch.advantages, batch.returns = self._advantages(rewards, batch, scored)
+                metrics["policy/kl_in_reward"] = self.world.mean(float(kl[mask].sum()), float(mask.sum()))
+            batch.advantages, batch.returns = self._advantages(rewards, batch, applies)
 
         # 8. update
         with self.timer.phase("update", step):
@@ -316,7 +321,20 @@ class RLTrainer:
 
         self.step_count = step
         metrics["optim/lr"] = self.schedule.get_last_lr()[0]
-        return {**metrics, **self._timings()}
+        return self._record(step, {**metrics, **self._timings()})
+
+    def _record(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's records: the held-out evaluation when `trainer.eval_every` schedules one (its figures join
+        the row), then the step's row of `metrics.jsonl`. Returns the row."""
+        t = self.cfg.trainer
+        self.last_evaluation = None
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            with self.timer.phase("evaluate", step):
+                self.last_evaluation = self.evaluate(step)
+            metrics.update(eval_metrics(self.last_evaluation))
+        metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
+        self.metrics.write(step, metrics)
+        return metrics
 
     def _collect_groups(self, step: int) -> tuple[list[Group], list]:
         """Generate and score until this rank has its share of `prompts_per_step` usable groups (one round
@@ -326,7 +344,7 @@ class RLTrainer:
         gives each rank a contiguous block, sampled with seeds of the block's place in the round; so the
         ranks together generate, score and keep exactly what one process would.
         """
-        cfg, a = self.cfg, self.cfg.algorithm
+        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.n
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         target = len(self.world.share(cfg.trainer.prompts_per_step))
         found: list[tuple[int, list, list[float]]] = []
@@ -336,11 +354,10 @@ class RLTrainer:
         with self.world.gathered(*self._sampling_models()):
             for round_ in range(rounds):
                 need = target - len(found)
-                needs = self.world.all_gather(need)
-                if sum(needs) == 0:
+                total, offset = self.world.claim(need)
+                if total == 0:
                     break
-                offset = sum(needs[: self.world.rank])
-                indices = self.sampler.take(sum(needs))[offset : offset + need]
+                indices = self.sampler.take(total)[offset : offset + need]
                 kept = 0
                 if indices:
                     with self.timer.phase("generate", step):
@@ -351,30 +368,26 @@ class RLTrainer:
                         rewards = self.scorer.score(
                             [c.text for c in completions], rows, [c.token_ids for c in completions]
                         )
-                    n = cfg.rollout.n
+                    shaped = self._shaped_scores(completions, rewards)
+                    if a.dynamic_sampling:  # DAPO keeps only the groups whose rewards differ
+                        group_of = [i // n for i in range(len(shaped))]
+                        varied = algorithms.groups_with_reward_variance(torch.tensor(shaped, dtype=torch.float64),
+                                                                        group_of).tolist()
                     for g, index in enumerate(indices):
                         members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
                         scored.extend((index, c, r) for c, r in members)
-                        shaped = [self._shaped_score(c, r) for c, r in members]
-                        applying = [x for x in shaped if not math.isnan(x)]
-                        if a.dynamic_sampling and (len(applying) < 2 or max(applying) - min(applying) < 1e-9):
+                        if a.dynamic_sampling and not varied[g * n]:
                             continue
-                        found.append((index, members, shaped))
+                        found.append((index, members, shaped[g * n : (g + 1) * n]))
                         kept += 1
                 kept_per_round.append(kept)
         # A group's id is its place among all ranks' kept groups, round by round, rank block by rank block.
-        kept_by_rank = self.world.all_gather(kept_per_round)
-        ids, first = [], 0
-        for round_ in range(len(kept_per_round)):
-            for rank, kept_list in enumerate(kept_by_rank):
-                if rank == self.world.rank:
-                    ids.extend(range(first, first + kept_list[round_]))
-                first += kept_list[round_]
+        ids = self.world.positions(kept_per_round)
         return [Group(index, members, shaped, id_) for (index, members, shaped), id_ in zip(found, ids)], scored
 
     def _sampling_models(self) -> list:
         """The models the rollout engine runs itself: the policy, when the engine samples from it directly."""
-        return [self.policy] if getattr(self.engine, "shares_policy_weights", False) else []
+        return [self.policy] if self.engine.shares_policy_weights else []
 
     def _generate(self, prompts, seed: int, prompt_offset: int = 0):
         r = self.cfg.rollout
@@ -398,7 +411,7 @@ class RLTrainer:
         engine is rebuilt from the current weights once, else the run stops here (the phase timer adds the step
         and phase to the message)."""
         timeout = self.cfg.rollout.timeout_s
-        if getattr(self.engine, "shares_policy_weights", False) or not hasattr(self.engine, "load_weights"):
+        if self.engine.shares_policy_weights:
             call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
             return
         try:
@@ -406,7 +419,7 @@ class RLTrainer:
                               self.world.full_weights(self.policy, dtype=self.dtype))
         except Exception as err:
             # after a timeout the load may still be running: rebuilding under it is unsafe
-            if isinstance(err, TimeoutError) or not hasattr(self.engine, "rebuild"):
+            if isinstance(err, TimeoutError) or not self.engine.can_rebuild:
                 raise RuntimeError(f"rollout weight sync failed ({err}); the engine may hold stale or half-loaded "
                                    "weights, so the run stops here (resume from the last checkpoint)") from err
             log.warning("step %d: rollout weight sync failed (%s); rebuilding the engine from the current weights",
@@ -419,15 +432,18 @@ class RLTrainer:
                                    f"({type(again).__name__}: {again}); the run stops here (resume from the last "
                                    "checkpoint)") from again
 
-    def _shaped_score(self, completion, reward) -> float:
-        """The reward after DAPO's soft overlong punishment (if on): a linear penalty in the last buffer tokens."""
+    def _shaped_scores(self, completions, rewards) -> list[float]:
+        """The rewards' scores, with DAPO's soft overlong punishment when `algorithm.overlong=soft`
+        (`algorithms.overlong_penalty`, in float64)."""
         a, limit = self.cfg.algorithm, self.cfg.rollout.max_response_tokens
-        score = float(reward.score)
-        if a.overlong == "soft" and a.overlong_buffer > 0:
-            excess = len(completion.token_ids) - (limit - a.overlong_buffer)
-            if excess > 0:
-                score -= a.overlong_penalty * min(1.0, excess / a.overlong_buffer)
-        return score
+        scores = [float(r.score) for r in rewards]
+        if a.overlong != "soft" or a.overlong_buffer == 0:
+            return scores
+        # a buffer longer than a response may be starts its ramp below length 0: lengths count from there
+        below = max(0, a.overlong_buffer - limit)
+        lengths = torch.tensor([len(c.token_ids) + below for c in completions], dtype=torch.float64)
+        penalties = algorithms.overlong_penalty(lengths, limit + below, a.overlong_buffer, a.overlong_penalty)
+        return [score + penalty for score, penalty in zip(scores, penalties.tolist())]
 
     def _assemble(self, groups: list[Group]) -> RolloutBatch:
         prompt_ids, response_ids, scores, group_index, rollout_logprobs, truncated, written = [], [], [], [], [], [], []
@@ -459,21 +475,14 @@ class RLTrainer:
         estimators normalising over the batch (GAE's whitening, REINFORCE++) give what one process would.
         `scored` (default: every row) is False for rows whose reward does not apply."""
         a = self.cfg.algorithm
-        parts = self.world.all_gather((rewards, batch.response_mask, batch.group_index, batch.values, scored))
-        width = max(part[1].shape[1] for part in parts)
 
-        def joined(i):
-            if parts[0][i] is None:
-                return None
-            return torch.cat([_pad_columns(part[i], width) for part in parts])
+        def estimate(rewards, response_mask, group_index, values, scored):
+            return algorithms.compute_advantages(a.advantage, rewards, response_mask, group_index=group_index,
+                                                 values=values, gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std,
+                                                 scored=scored)
 
-        advantages, returns = algorithms.compute_advantages(
-            a.advantage, joined(0), joined(1), group_index=joined(2), values=joined(3), gamma=a.gamma, lam=a.lam,
-            norm_by_std=a.norm_by_std, scored=joined(4),
-        )
-        first = sum(part[1].shape[0] for part in parts[: self.world.rank])
-        rows, cols = slice(first, first + batch.size), slice(0, batch.response_width)
-        return advantages[rows, cols].contiguous(), returns[rows, cols].contiguous()
+        return self.world.over_all_rows(estimate, rewards, batch.response_mask, batch.group_index, batch.values,
+                                        scored)
 
     def _update(self, batch: RolloutBatch, step: int, on_policy: bool, num_groups: int) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches of whole groups; one optimizer step per mini-batch.
@@ -500,45 +509,40 @@ class RLTrainer:
         return {key: float(np.mean(values)) for key, values in sums.items()}
 
     def _optimizer_step(self, batch: RolloutBatch, rows: list[int], step: int, on_policy: bool) -> dict[str, float]:
-        """One optimizer step on this rank's `rows` of a mini-batch (all ranks call it for the same mini-batch).
+        """One optimizer step on this rank's `rows` of a mini-batch (all ranks call it for the same mini-batch):
+        the objective of each micro-batch (`algorithms.rl_objective`), backward, one update.
 
-        The loss is normalised over the whole mini-batch on all ranks. FSDP averages the ranks' gradients, so
-        each rank divides by (global divisor / world size): the average is then exactly the gradient of the
-        whole mini-batch's loss. Every rank runs the same number of forward/backward passes (each one is a
-        collective under FSDP); a rank with fewer micro-batches runs zero-weight passes on a one-token row.
+        The loss is normalised over the whole mini-batch on all ranks (`World.whole_batch`), so the micro-batches'
+        gradients add up to the whole mini-batch's. Every rank runs the same number of forward/backward passes
+        (`World.lockstep`: each one is a collective under FSDP); a rank out of micro-batches runs zero-weight
+        passes on a one-token row.
         """
         cfg, a, t, world = self.cfg, self.cfg.algorithm, self.cfg.trainer, self.world
         # The divisor covers every row of the mini-batch, including rows skipped below.
         local = algorithms.loss_normalizer(a.loss_agg, [batch.response_mask[rows]], constant=self._agg_constant())
-        normalizer = algorithms.LossNormalizer(local.mode, world.sum(local.value) / world.size)
+        normalizer = world.whole_batch(local)
         totals: dict[str, float] = {}  # already the same on every rank
-        shares: dict[str, float] = {}  # this rank's share of a mini-batch figure: summed over ranks
-        peaks: dict[str, float] = {}  # maxima over ranks
-        lows: dict[str, float] = {}  # minima over ranks
         if self._loss_vanishes_without_advantage():
             # Rows whose advantages are all zero (e.g. GRPO groups with equal rewards) add exactly nothing to
             # the loss or its gradient; skipping their forward/backward passes changes no number.
             signal = (batch.advantages[rows].abs() * batch.response_mask[rows]).sum(-1) > 0
-            kept, seen = world.sum(float(signal.sum())), world.sum(len(rows))
+            totals["train/rows_with_signal"] = world.mean(float(signal.sum()), len(rows))  # over every rank's rows
             rows = [r for r, keep in zip(rows, signal.tolist()) if keep]
-            totals["train/rows_with_signal"] = kept / seen
-            if kept == 0:
+            if totals["train/rows_with_signal"] == 0:
                 return {**totals, "optim/skipped": 1.0}
         micro, packing = plan_micro_batches(batch, rows, t.micro_batch_tokens, self.packed_layout)
-        passes = int(world.max(len(micro)))
         tokens = max(world.sum(float(batch.response_mask[rows].sum())), 1.0)
-        want_entropy = True
+        figures = algorithms.StepMetrics()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, diverged = 0.0, False
-        for i in range(passes):
-            if i >= len(micro) or diverged:
+        for micro_rows in world.lockstep(micro):
+            if micro_rows is None or diverged:
                 self._idle_pass(self.policy)
                 continue
-            mb = batch.select(micro[i]).to(self.device)
-            weight = float(mb.response_mask.sum()) / tokens  # share of the mini-batch's tokens, for token means
+            mb = batch.select(micro_rows).to(self.device)
             with autocast_for(self.device, self.dtype):
                 logprobs, entropy = token_logprobs(
-                    self.policy, mb, cfg.rollout.temperature, with_entropy=want_entropy, packing=packing,
+                    self.policy, mb, cfg.rollout.temperature, with_entropy=True, packing=packing,
                     share_prompts=self.share_prompts,
                 )
                 if not torch.isfinite(logprobs.detach()[mb.response_mask > 0]).all():
@@ -547,42 +551,15 @@ class RLTrainer:
                     loss_total, diverged = float("nan"), True
                     loss = logprobs.sum() * 0.0
                 else:
-                    old = logprobs.detach() if on_policy else mb.old_logprobs
-                    token_weights = self._rollout_correction(old, mb, shares, peaks, lows, weight)
-                    loss, pm = algorithms.policy_loss(
-                        a.policy_loss,
-                        logprobs,
-                        old,
-                        mb.advantages,
-                        mb.response_mask,
-                        clip_low=a.clip_low,
-                        clip_high=a.clip_high,
-                        dual_clip=a.dual_clip,
-                        agg=a.loss_agg,
-                        normalizer=normalizer,
-                        token_weights=token_weights,
+                    loss, measured = algorithms.rl_objective(
+                        a, logprobs, None if on_policy else mb.old_logprobs, mb.advantages, mb.response_mask,
+                        normalizer, ref_logprobs=mb.ref_logprobs, entropy=entropy, rollout_logprobs=mb.rollout_logprobs,
                     )
-                    shares["losses/policy"] = shares.get("losses/policy", 0.0) + loss.item() / world.size
-                    if mb.ref_logprobs is not None:
-                        kl = algorithms.kl_penalty(logprobs, mb.ref_logprobs, a.kl_estimator)
-                        kl_term = algorithms.aggregate(kl, mb.response_mask, a.loss_agg, normalizer=normalizer)
-                        if not a.kl_in_reward:
-                            loss = loss + a.kl_coef * kl_term
-                        shares["policy/kl"] = shares.get("policy/kl", 0.0) + kl_term.item() / world.size
-                    if entropy is not None:
-                        entropy_term = algorithms.aggregate(entropy, mb.response_mask, a.loss_agg, normalizer=normalizer)
-                        if a.entropy_coef:
-                            loss = loss - a.entropy_coef * entropy_term
-                        shares["policy/entropy"] = shares.get("policy/entropy", 0.0) + entropy_term.item() / world.size
             loss.backward()
             if diverged:
                 continue
             loss_total += loss.item() / world.size
-            for key in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
-                if key in pm:
-                    shares[f"policy/{key}"] = shares.get(f"policy/{key}", 0.0) + weight * float(pm[key])
-            if "ratio_max" in pm:
-                peaks["policy/ratio_max"] = max(peaks.get("policy/ratio_max", 0.0), float(pm["ratio_max"]))
+            figures.add(measured, token_share=float(mb.response_mask.sum()) / tokens, ranks=world.size)
         grad_norm = self._clip_gradients(self.policy)
         loss_total = world.sum(loss_total)
         if self.guard.check(step, loss_total, grad_norm):
@@ -593,19 +570,19 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the critic's and the next rollout
         totals["optim/grad_norm"] = grad_norm
         if self.critic is not None:
-            totals.update(self._critic_step(batch, micro, passes, normalizer, packing))
-        return {**totals, **self._across_ranks(shares, peaks, lows)}
+            totals.update(self._critic_step(batch, micro, normalizer, packing))
+        return {**totals, **world.reduce_metrics(figures.sums, figures.maxima, figures.minima)}
 
-    def _critic_step(self, batch, micro, passes: int, normalizer, packing=None) -> dict[str, float]:
+    def _critic_step(self, batch, micro, normalizer, packing=None) -> dict[str, float]:
         a, world = self.cfg.algorithm, self.world
         self.critic.train()
         self.critic_optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for i in range(passes):
-            if i >= len(micro):
+        for micro_rows in world.lockstep(micro):
+            if micro_rows is None:
                 self._idle_pass(self.critic, critic=True)
                 continue
-            mb = batch.select(micro[i]).to(self.device)
+            mb = batch.select(micro_rows).to(self.device)
             with autocast_for(self.device, self.dtype):
                 values = token_values(self.critic, mb, packing=packing)
                 loss, _ = algorithms.value_loss(
@@ -634,60 +611,19 @@ class RLTrainer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.trainer.max_grad_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _across_ranks(self, shares: dict[str, float], peaks: dict[str, float],
-                      lows: dict[str, float] | None = None) -> dict[str, float]:
-        """Sum `shares`, take the maximum of `peaks` and the minimum of `lows` over ranks (a key may be missing
-        on some ranks)."""
-        out: dict[str, float] = {}
-        for rank_shares, rank_peaks, rank_lows in self.world.all_gather((shares, peaks, lows or {})):
-            for key, value in rank_shares.items():
-                out[key] = out.get(key, 0.0) + value
-            for key, value in rank_peaks.items():
-                out[key] = max(out.get(key, value), value)
-            for key, value in rank_lows.items():
-                out[key] = min(out.get(key, value), value)
-        return out
-
     def _timings(self) -> dict[str, float]:
         """This step's phase times and (on GPU) peak memory, the largest over ranks (the others wait for it)."""
         figures = self.timer.metrics()
         if self.device.type == "cuda":
             figures["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
-        return self._across_ranks({}, figures)
-
-    def _rollout_correction(self, old, mb, shares: dict, peaks: dict, lows: dict, weight: float):
-        """Log how far the sampler's log-probs are from pi_old's (`rollout/*`; `weight` is the micro-batch's
-        share of the mini-batch's tokens) and return the rollout-correction token weights for the loss (None
-        when `algorithm.rollout_correction` asks for none)."""
-        c = self.cfg.algorithm.rollout_correction
-        if mb.rollout_logprobs is None:  # a batch assembled without the sampler's log-probs
-            if c.rollout_is is not None or c.rollout_rs is not None:
-                raise ValueError("algorithm.rollout_correction needs the sampler's log-probs (batch.rollout_logprobs)")
-            return None
-        old = old.detach().float()
-        mismatch = algorithms.rollout_mismatch_metrics(old, mb.rollout_logprobs, mb.response_mask)
-        for key in ("mismatch_kl", "mismatch_k1", "is_ratio_mean"):
-            shares[f"rollout/{key}"] = shares.get(f"rollout/{key}", 0.0) + weight * mismatch[key]
-        lows["rollout/is_ratio_min"] = min(lows.get("rollout/is_ratio_min", np.inf), mismatch["is_ratio_min"])
-        for key in ("is_ratio_max", "logprob_diff_max"):
-            peaks[f"rollout/{key}"] = max(peaks.get(f"rollout/{key}", 0.0), mismatch[key])
-        if c.rollout_is is None and c.rollout_rs is None:
-            return None
-        weights, stats = algorithms.rollout_correction_weights(
-            old, mb.rollout_logprobs, mb.response_mask, rollout_is=c.rollout_is,
-            rollout_is_threshold=c.rollout_is_threshold, rollout_rs=c.rollout_rs,
-            rollout_rs_threshold=c.rollout_rs_threshold, rollout_rs_threshold_lower=c.rollout_rs_threshold_lower,
-        )
-        for key, value in stats.items():
-            shares[f"rollout/{key}"] = shares.get(f"rollout/{key}", 0.0) + weight * value
-        return weights
+        return self.world.reduce_metrics({}, figures)
 
     def _rollout_logprobs_are_exact(self) -> bool:
         """The sampler's log-probs are pi_old itself when it ran these very weights in this process and sampled
         from the whole temperature-scaled distribution (no top-k/top-p renormalisation)."""
         r = self.cfg.rollout
-        return getattr(self.engine, "shares_policy_weights", False) and r.top_k == 0 and r.top_p == 1.0 and r.temperature > 0
+        return self.engine.shares_policy_weights and r.top_k == 0 and r.top_p == 1.0 and r.temperature > 0
 
     def _loss_vanishes_without_advantage(self) -> bool:
         """True when every loss term is proportional to the advantage (no KL loss term, no entropy bonus)."""
@@ -698,62 +634,18 @@ class RLTrainer:
         a = self.cfg.algorithm
         return float(a.loss_agg_normalizer or self.cfg.rollout.max_response_tokens)
 
-    # ------------------------------------------------------------------ metrics and samples
-    def _outcomes(self, scored) -> list[tuple]:
-        """(reward, response length, finish reason) of every rank's completions of this step, rank by rank."""
-        mine = [(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored]
-        return [outcome for part in self.world.all_gather(mine) for outcome in part]
-
-    def _rollout_metrics(self, outcomes, metrics: dict) -> None:
-        """Reward and length figures over every rank's completions of this step (`outcomes`)."""
-        rewards = [r for r, _, _ in outcomes]
-        lengths = [length for _, length, _ in outcomes]
-        # figures the rewards cannot speak for (accuracy without a correctness signal) are left out, not made up
-        rates = reward_rates(rewards)
-        for name, key in (("mean", "mean_reward"), ("accuracy", "accuracy"), ("format_rate", "format_rate"),
-                          ("formatted_but_wrong", "formatted_but_wrong"), ("not_applicable", "not_applicable")):
-            if rates[key] is not None:
-                metrics[f"reward/{name}"] = float(rates[key])
-        metrics["reward/errors"] = float(sum("error" in r.info for r in rewards))
-        metrics["reward/printed_errors"] = float(sum(bool(r.info.get("printed")) for r in rewards))
-        metrics.update(component_metrics(rewards, reserved=metrics))
-        metrics["response/length_mean"] = float(np.mean(lengths))
-        metrics["response/length_max"] = float(np.max(lengths))
-        metrics["response/clip_rate"] = float(np.mean([finish == "length" for _, _, finish in outcomes]))
-        metrics["train/completions"] = float(len(outcomes))
-
-    def _write_samples(self, step: int, scored) -> None:
-        """Example completions of this step, with reward-hacking signals computed over all of them."""
-        everything = [item for part in self.world.all_gather(scored) for item in part]
-        if not self.world.is_main:
-            return
-        prompts = [self.tokenizer.decode(self.train_prompts[i]) for i, _, _ in everything]
-        write_samples(
-            self.run_dir, step, prompts, [c.text for _, c, _ in everything], [r for _, _, r in everything],
-            response_lengths=[len(c.token_ids) for _, c, _ in everything],
-        )
-
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict:
-        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems.
-
-        Each rank evaluates a contiguous share of the problems; the summary covers them all.
-        """
-        cfg = self.cfg
+        """Greedy accuracy (and pass@k when `trainer.eval_pass_k` > 0) on the held-out problems, split over the
+        ranks (`evaluate.evaluate_on_ranks`); rank 0 writes `eval/step_*.json`."""
+        cfg, r = self.cfg, self.cfg.rollout
         self.reward_errors.where = f"evaluation at step {step}"
-        share = self.world.share(len(self.eval_rows))
         with self.world.gathered(*self._sampling_models()):
-            part = sample_eval(
-                self.engine, self.scorer, self.task, self.eval_rows[share.start : share.stop],
-                self.eval_prompts[share.start : share.stop], max_new_tokens=cfg.rollout.max_response_tokens,
-                pass_k=cfg.trainer.eval_pass_k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                seed=cfg.seed, timeout_s=cfg.rollout.timeout_s, step=step, prompt_offset=share.start,
+            return evaluate_on_ranks(
+                self.world, self.engine, self.scorer, self.task, self.tokenizer, self.eval_rows, self.eval_prompts,
+                run_dir=self.run_dir, step=step, pass_k=cfg.trainer.eval_pass_k, max_new_tokens=r.max_response_tokens,
+                temperature=r.temperature, top_p=r.top_p, seed=cfg.seed, timeout_s=r.timeout_s,
             )
-        samples = reduce(lambda x, y: x + y, self.world.all_gather(part))
-        summary = summarize_samples(samples, cfg.trainer.eval_pass_k)
-        if self.world.is_main:
-            write_eval_samples(self.run_dir, step, summary, self.tokenizer, self.eval_prompts, samples)
-        return summary
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -764,7 +656,7 @@ class RLTrainer:
             "sampler": self.sampler.state_dict(),
             "guard": self.guard.state_dict(),
             "rng": capture_rng(),
-            "rng_by_rank": self.world.all_gather(capture_rng()),
+            "rng_by_rank": self.world.rng_states(),
             "world_size": self.world.size,
             "metrics_offset": self.metrics.offset(),
             "extra": self.extra_state,
@@ -775,8 +667,7 @@ class RLTrainer:
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state["guard"])
-        by_rank = state.get("rng_by_rank")
-        restore_rng(by_rank[self.world.rank] if by_rank and len(by_rank) == self.world.size else state["rng"])
+        self.world.restore_rng_states(state.get("rng_by_rank"), state["rng"])
         self.extra_state = state.get("extra", {})
         if "optimizer" in state:  # checkpoints written before optimizer state moved to optimizer/
             self.optimizer.load_state_dict(state["optimizer"])
@@ -817,49 +708,27 @@ class RLTrainer:
     def fit(self) -> None:
         """Run RL steps up to `trainer.steps`, checkpointing on schedule and on SIGTERM/SIGINT."""
         t = self.cfg.trainer
-        stop_requested = {"signal": None}
-
-        def request_stop(signum, frame):
-            stop_requested["signal"] = signum
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        show_progress = self.cfg.logging.progress and self.world.is_main
         progress = None
         if t.steps > self.step_count:
-            progress = Progress(t.steps, start_step=self.step_count, enabled=show_progress, label="RL step")
+            progress = Progress(t.steps, start_step=self.step_count, label="RL step",
+                                enabled=self.cfg.logging.progress and self.world.is_main)
         try:
-            with self.world.reporting_failures():
+            with stop_requests() as stop, self.world.reporting_failures():
                 while self.step_count < t.steps:
                     metrics = self.step()
                     step = self.step_count
-                    held_out = None
-                    if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                        with self.timer.phase("evaluate", step):
-                            held_out = self.evaluate(step)
-                        metrics.update(eval_metrics(held_out))
-                    metrics["reward/worker_restarts"] = self.world.sum(self.scorer.stats.get("worker_restarts", 0))
-                    self.metrics.write(step, metrics)
                     if progress is not None:
                         shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy")}
                         progress.update(step, {k: v for k, v in shown.items() if v is not None})
-                        if held_out is not None:
-                            progress.note(held_out_line(f"at RL step {step}", held_out))
+                        if self.last_evaluation is not None:
+                            progress.note(held_out_line(f"at RL step {step}", self.last_evaluation))
                     # every rank stops at the same step, whichever received the signal
-                    stop = self.world.max(stop_requested["signal"] is not None) > 0
-                    if (t.save_every and step % t.save_every == 0) or stop:
+                    stopping = self.world.any(stop["signal"] is not None)
+                    if (t.save_every and step % t.save_every == 0) or stopping:
                         self.save()
-                    if stop:
-                        received = stop_requested["signal"] or "sent to another rank"
+                    if stopping:
+                        received = stop["signal"] or "sent to another rank"
                         raise KeyboardInterrupt(f"stopped by signal {received} at step {step}; checkpoint saved")
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if progress is not None:
                 progress.close()
-
-
-def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """`tensor` with zero columns appended up to `width` (1-D tensors are returned as they are)."""
-    if tensor.dim() == 1 or tensor.shape[1] == width:
-        return tensor
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))

@@ -1,6 +1,6 @@
 """The RL algorithms core: advantage estimators, policy and value losses, KL estimators, loss aggregation.
 
-Everything here is a pure tensor function: no model, engine or config inside. Token-level tensors are
+Everything here is a pure tensor function: no model, engine or run inside. Token-level tensors are
 `[B, T]` over response tokens and `response_mask` is 1 on real response tokens. Each estimator, loss,
 KL estimator and aggregation mode is registered by name, so a config can pick it and a user can add one.
 
@@ -15,8 +15,14 @@ One module per family; every public name is importable from `tinyrl.algorithms` 
 - `aggregation`: loss aggregation modes and the mini-batch `loss_normalizer`
 - `masked`: masked mean and whitening
 - `logprobs`: chunked log-probs and entropy from logits
-- `presets`: the shipped algorithm presets (conf/algorithm/*.yaml)
 - `rollout_correction`: rollout/training mismatch metrics, truncated importance sampling, sequence rejection
+- `objective`: `rl_objective`, the whole loss of one micro-batch (policy loss, KL, entropy, rollout correction)
+  in one function, and `StepMetrics`, which combines its metrics over micro-batches
+- `settings`: `AlgorithmConfig`, the algorithm's settings (the config's `algorithm:` node; no torch)
+- `presets`: the shipped algorithm presets (conf/algorithm/*.yaml), checked against `AlgorithmConfig`
+
+A policy loss or an advantage estimator is chosen by its registered name, or given as `pkg.module:function` or
+`path/to/file.py:function` (loaded on first use and registered under that name).
 
 Behaviour on awkward input (each one tested):
 
@@ -38,48 +44,49 @@ exactly the whole mini-batch loss (and its gradient is the whole mini-batch grad
 mode, whatever each micro-batch's padded length.
 """
 
-# Besides `__all__`, the individual estimator and loss functions, the type aliases and the constants are
-# importable from here, as they were when the package was a single module.
-from ._common import LOG_RATIO_CLAMP
-from .advantages import (
-    ADVANTAGE_ESTIMATORS,
-    AdvantageEstimator,
-    compute_advantages,
-    dr_grpo_advantages,
-    gae_advantages,
-    grpo_advantages,
-    opo_advantages,
-    register_advantage_estimator,
-    reinforce_pp_advantages,
-    reinforce_pp_baseline_advantages,
-    rloo_advantages,
-)
-from .aggregation import AGG_MODES, LossNormalizer, Normalizer, aggregate, loss_normalizer
-from .groups import groups_with_reward_variance
-from .kl import KL_ESTIMATORS, KL_LOG_RATIO_CLAMP, kl_loss, kl_penalty, kl_shaped_rewards
-from .logprobs import DEFAULT_CHUNK_SIZE, entropy_from_logits, logprobs_from_logits
-from .masked import masked_mean, masked_whiten
-from .policy_losses import (
-    POLICY_LOSSES,
-    PolicyLossFn,
-    cispo_policy_loss,
-    gspo_policy_loss,
-    importance_log_ratio,
-    policy_loss,
-    ppo_policy_loss,
-    register_policy_loss,
-    reinforce_policy_loss,
-)
-from .presets import OVERLONG_MODES, PRESET_KEYS, available_presets, load_preset, validate_preset
-from .rewards import overlong_penalty, token_rewards_from_outcome
-from .rollout_correction import (
-    ROLLOUT_IS_LEVELS,
-    ROLLOUT_RS_LEVELS,
-    rollout_correction_weights,
-    rollout_log_ratio,
-    rollout_mismatch_metrics,
-)
-from .value import value_loss
+# The package loads each family module on first use of one of its names, so that `tinyrl.algorithms.settings`
+# (the config schema's algorithm node) imports without torch. Besides `__all__`, the individual estimator and loss
+# functions, the type aliases and the constants are importable from here.
+import importlib
+
+_NAMES = {
+    "_common": ("LOG_RATIO_CLAMP", "is_function_spec", "resolve_function"),
+    "advantages": (
+        "ADVANTAGE_ESTIMATORS", "AdvantageEstimator", "compute_advantages", "dr_grpo_advantages", "gae_advantages",
+        "grpo_advantages", "opo_advantages", "register_advantage_estimator", "reinforce_pp_advantages",
+        "reinforce_pp_baseline_advantages", "rloo_advantages",
+    ),
+    "aggregation": ("AGG_MODES", "LossNormalizer", "Normalizer", "aggregate", "loss_normalizer"),
+    "groups": ("groups_with_reward_variance",),
+    "kl": ("KL_ESTIMATORS", "KL_LOG_RATIO_CLAMP", "kl_loss", "kl_penalty", "kl_shaped_rewards"),
+    "logprobs": ("DEFAULT_CHUNK_SIZE", "entropy_from_logits", "logprobs_from_logits"),
+    "masked": ("masked_mean", "masked_whiten"),
+    "objective": ("LOSS_TERMS", "StepMetrics", "rl_objective"),
+    "policy_losses": (
+        "POLICY_LOSSES", "PolicyLossFn", "cispo_policy_loss", "gspo_policy_loss", "importance_log_ratio",
+        "policy_loss", "ppo_policy_loss", "register_policy_loss", "reinforce_policy_loss",
+    ),
+    "presets": ("OPTIONAL_PRESET_KEYS", "OVERLONG_MODES", "PRESET_KEYS", "available_presets", "load_preset",
+                "validate_preset"),
+    "rewards": ("overlong_penalty", "token_rewards_from_outcome"),
+    "rollout_correction": ("ROLLOUT_IS_LEVELS", "ROLLOUT_RS_LEVELS", "rollout_correction_weights",
+                           "rollout_log_ratio", "rollout_mismatch_metrics"),
+    "settings": ("AlgorithmConfig", "RolloutCorrectionConfig"),
+    "value": ("value_loss",),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # found directly next time
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

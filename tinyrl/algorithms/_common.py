@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from tinyrl.task import load_object
+
 # exp(20) ~ 4.9e8: finite in float16/bfloat16/float32, far beyond any clip range in use.
 LOG_RATIO_CLAMP = 20.0
 
@@ -16,6 +18,23 @@ def _lookup(registry: Mapping[str, Callable], name: str, what: str) -> Callable:
     if name not in registry:
         raise ValueError(f"unknown {what} {name!r}; valid names: {sorted(registry)}")
     return registry[name]
+
+
+def is_function_spec(name: str) -> bool:
+    """Whether `name` points at a function in user code (`pkg.module:function` or `path/to/file.py:function`)
+    rather than naming a registered one."""
+    return isinstance(name, str) and ":" in name
+
+
+def resolve_function(registry: dict[str, Callable], name: str, what: str) -> Callable:
+    """The function `name` of `registry` (e.g. `POLICY_LOSSES`); a `module:function` or `file.py:function` spec is
+    loaded (importing the user's code) and registered under the spec, so every later lookup finds it."""
+    if name not in registry and is_function_spec(name):
+        fn = load_object(name, what)
+        if not callable(fn):
+            raise ValueError(f"{what} {name!r} is a {type(fn).__name__}, not a function")
+        registry[name] = fn
+    return _lookup(registry, name, what)
 
 
 def _as_mask(response_mask: Tensor, name: str = "response_mask") -> Tensor:

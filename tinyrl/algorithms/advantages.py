@@ -13,7 +13,7 @@ from ._common import (
     _check_shape,
     _check_values,
     _float_dtype,
-    _lookup,
+    resolve_function,
     _supported_kwargs,
     _zero_outside,
 )
@@ -197,7 +197,8 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
                        group_index: Tensor | Sequence[Hashable] | None = None, values: Tensor | None = None,
                        gamma: float = 1.0, lam: float = 1.0, scored: Tensor | None = None,
                        **options: object) -> tuple[Tensor, Tensor]:
-    """Advantages and returns `[B, T]` from the registered estimator `estimator`; both are 0 outside the mask.
+    """Advantages and returns `[B, T]` from the estimator `estimator` (a registered name, `module:function` or
+    `file.py:function`); both are 0 outside the mask.
 
     `rewards` is `[B]` (one outcome reward per sequence, placed on its last response token) or `[B, T]`
     (token rewards, e.g. with a KL penalty folded in; entries outside the mask are ignored). `group_index`
@@ -212,7 +213,7 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor,
     This is TRL 1.16 GRPOTrainer's rule for "unscorable" completions: NaN rewards, nan-mean and nan-std per
     group, advantage 0.
     """
-    fn = _lookup(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
+    fn = resolve_function(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
     _check_options(options, ADVANTAGE_ESTIMATORS, fn, "advantage estimator", _ESTIMATOR_CORE_ARGS)
     mask = _as_mask(response_mask)
     unscored = None

@@ -75,17 +75,19 @@ def _group_std(centred: Tensor, valid: Tensor, groups: Tensor) -> Tensor:
 
 
 def groups_with_reward_variance(rewards: Tensor, group_index: Tensor | Sequence[Hashable]) -> Tensor:
-    """Bool `[B]`: True where the sample's group has unequal rewards (max_group(r) > min_group(r)).
+    """Bool `[B]`: True where the sample's group has unequal rewards (max_group(r) > min_group(r), exactly).
 
     DAPO's dynamic sampling (Yu et al., 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at
-    Scale") keeps only such groups: a group whose rewards are all equal has zero group-relative advantage.
+    Scale") keeps only such groups: a group whose rewards are all equal has zero group-relative advantage. A NaN
+    reward (one that does not apply) takes no part, so a group needs two rewards that apply and differ.
     """
     if not isinstance(rewards, Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a [B] tensor")
-    if not bool(torch.isfinite(rewards).all()):
-        rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        raise ValueError(f"rewards are non-finite in rows {rows[:10]}")
+    if bool(torch.isinf(rewards).any()):
+        rows = torch.isinf(rewards).nonzero().flatten().tolist()
+        raise ValueError(f"rewards are infinite in rows {rows[:10]}")
     groups = _group_ids(group_index, rewards.shape[0]).to(rewards.device)
     r = rewards.to(_float_dtype(rewards))
-    high, low = _group_spread(r, torch.ones_like(r, dtype=torch.bool), groups)
+    applies = ~torch.isnan(r)
+    high, low = _group_spread(torch.where(applies, r, 0.0), applies, groups)
     return high > low

@@ -15,6 +15,7 @@ from ._common import (
     _check_shape,
     _check_values,
     _lookup,
+    resolve_function,
     _supported_kwargs,
     _zero_outside,
 )
@@ -136,18 +137,20 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor | None, advant
                 response_mask: Tensor, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                 agg: str = "token-mean", token_weights: Tensor | None = None,
                 **options: object) -> tuple[Tensor, dict[str, float]]:
-    """The policy loss `kind` (ppo | gspo | cispo | reinforce | registered), aggregated with `agg`.
+    """The policy loss `kind` (ppo | gspo | cispo | reinforce | registered | `module:function` | `file.py:function`),
+    aggregated with `agg`.
 
-    Returns `(loss, metrics)`: `loss` a 0-dim tensor to minimise; `metrics` python floats averaged over the
-    response tokens: `clip_frac_low`, `clip_frac_high` (tokens whose clipping removed the gradient; for
-    cispo, whose weight was clipped), `clip_frac_dual` (when dual clipping is on), `approx_kl` (Schulman's
-    k3 estimate of KL(pi_old || pi): mean of r - 1 - log r), `ratio_mean`, `ratio_max`, `ratio_min`.
+    Returns `(loss, metrics)`: `loss` a 0-dim tensor to minimise; `metrics` python floats: the ratio statistics
+    of every loss, `approx_kl` (Schulman's k3 estimate of KL(pi_old || pi): mean of r - 1 - log r),
+    `ratio_mean`, `ratio_max`, `ratio_min`, and the loss's own token statistics averaged over the response
+    tokens, only those it returns: `clip_frac_low`, `clip_frac_high` (ppo, gspo: tokens whose clipping removed
+    the gradient; cispo: whose weight was clipped), `clip_frac_dual` (when dual clipping is on).
     `old_logprobs=None` means exactly on-policy (old = logprobs.detach()). `token_weights` ([B, T], detached)
     multiply the per-token loss before aggregation: loss = agg(w_t * l_t), e.g. the rollout-correction
     weights of `rollout_correction_weights`. Options: `normalizer=` (see `loss_normalizer`) and any option a
     registered loss declares.
     """
-    fn = _lookup(POLICY_LOSSES, kind, "policy loss")
+    fn = resolve_function(POLICY_LOSSES, kind, "policy loss")
     _lookup(AGG_MODES, agg, "aggregation mode")
     normalizer = options.pop("normalizer", None)
     _check_options(options, POLICY_LOSSES, fn, "policy loss", _POLICY_CORE_ARGS | _CLIP_ARGS)
@@ -181,8 +184,6 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor | None, advant
         ratio = torch.exp(log_ratio)
         has_tokens = bool(mask.any())
         metrics = {
-            "clip_frac_low": 0.0,
-            "clip_frac_high": 0.0,
             "approx_kl": float(masked_mean(ratio - 1.0 - log_ratio, mask)),
             "ratio_mean": float(masked_mean(ratio, mask)) if has_tokens else 1.0,
             "ratio_max": float(ratio[mask].max()) if has_tokens else 1.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import re
@@ -11,11 +12,15 @@ from .advantages import ADVANTAGE_ESTIMATORS
 from .aggregation import AGG_MODES
 from .kl import KL_ESTIMATORS
 from .policy_losses import POLICY_LOSSES
+from .settings import AlgorithmConfig
 
-PRESET_KEYS: tuple[str, ...] = (
-    "name", "advantage", "norm_by_std", "gamma", "lam", "policy_loss", "clip_low", "clip_high", "dual_clip",
-    "loss_agg", "loss_agg_normalizer", "kl_coef", "kl_estimator", "kl_in_reward", "entropy_coef", "value_clip",
-    "dynamic_sampling", "dynamic_sampling_max_rounds", "overlong", "overlong_buffer", "overlong_penalty",
+# Every setting of `AlgorithmConfig` with a plain value: a preset states each one. The mappings (`loss_kwargs`,
+# `rollout_correction`) are optional in a preset.
+PRESET_KEYS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(AlgorithmConfig) if f.default is not dataclasses.MISSING
+)
+OPTIONAL_PRESET_KEYS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(AlgorithmConfig) if f.default is dataclasses.MISSING
 )
 OVERLONG_MODES = ("none", "mask", "soft")
 
@@ -33,7 +38,7 @@ def validate_preset(preset: Mapping[str, object], source: str = "preset") -> Non
     """Raise `ValueError` naming `source` and the key if `preset` lacks a key, has an extra one, or names an
     unknown estimator / policy loss / aggregation mode / KL estimator / overlong mode."""
     missing = [k for k in PRESET_KEYS if k not in preset]
-    extra = sorted(set(preset) - set(PRESET_KEYS))
+    extra = sorted(set(preset) - set(PRESET_KEYS) - set(OPTIONAL_PRESET_KEYS))
     if missing:
         raise ValueError(f"{source}: missing key(s) {missing}")
     if extra:

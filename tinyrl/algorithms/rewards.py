@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _as_mask
+from ._common import _as_mask, _float_dtype
 
 
 def token_rewards_from_outcome(rewards: Tensor, response_mask: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def overlong_penalty(response_lengths: Tensor, max_length: int, buffer: int, pen
     """DAPO soft overlong penalty `[B]`: 0 if L <= L_max - L_b; -p * (L - L_max + L_b) / L_b if L <= L_max; else -p.
 
     Yu et al., 2025, "DAPO" (Soft Overlong Punishment, added to the task reward). `buffer=0` gives a hard
-    -penalty only for responses longer than `max_length`.
+    -penalty only for responses longer than `max_length`. Computed in float32, or in float64 for float64 lengths.
     """
     if max_length <= 0:
         raise ValueError(f"max_length must be > 0, got {max_length}")
@@ -39,7 +39,7 @@ def overlong_penalty(response_lengths: Tensor, max_length: int, buffer: int, pen
         raise ValueError(f"buffer must be in [0, max_length={max_length}], got {buffer}")
     if penalty < 0:
         raise ValueError(f"penalty must be >= 0, got {penalty}")
-    lengths = response_lengths.to(torch.float32)
+    lengths = response_lengths.to(_float_dtype(response_lengths))
     start = max_length - buffer
     ramp = (lengths - start) / buffer if buffer > 0 else torch.zeros_like(lengths)
     out = torch.where(lengths <= start, torch.zeros_like(lengths), -penalty * ramp.clamp(max=1.0))

@@ -1,4 +1,5 @@
-"""The rollout engine interface and its data types."""
+"""The rollout engine contract (`RolloutEngine`, with the optional abilities and their defaults) and its data
+types."""
 
 from __future__ import annotations
 
@@ -50,20 +51,58 @@ class Completion:
     environment_positions: list[int] = field(default_factory=list)  # tokens the environment wrote (`Feedback`)
 
 
-class RolloutEngine(Protocol):
+class RolloutEngine:
+    """What every rollout engine is: the trainer calls these methods and nothing else.
+
+    An engine must implement `generate`, and either sample from the training model itself
+    (`shares_policy_weights = True`, then `update_weights` is how it hears of an update) or `load_weights`. The
+    other abilities are optional; the defaults below say what an engine that lacks one does:
+
+    - `shares_policy_weights` (False): it samples from the training model object itself, so the trainer hands it
+      that object (`update_weights`) instead of copying weights, gathers the model for it under FSDP, and may use
+      its log-probs as pi_old;
+    - `environment_feedback` (False): it writes the task's environment text into completions as they are sampled
+      (`SamplingConfig.feedback`); a task with an environment is refused with an engine that cannot;
+    - `sleep()`: free device memory until the next weight load (does nothing by default);
+    - `rebuild(named_tensors)`: start again from these weights after a failed load (by default it cannot, and a
+      failed load stops the run; `can_rebuild` says whether an engine overrides it);
+    - `close()`: release processes and memory at the end of a run (does nothing by default).
+
+    A new engine is one file with a subclass, plus a row in `tinyrl.rollout.ENGINES` (or `register_engine`, or
+    `rollout.engine=path/to/file.py:Class`, which builds `Class(model, tokenizer)`).
+    """
+
+    shares_policy_weights: bool = False
+    environment_feedback: bool = False
+
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
         """Return len(prompt_token_ids) * sampling.n completions, grouped by prompt."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate")
 
     def update_weights(self, model) -> None:
-        """Make the engine sample from the current weights of `model`."""
-        ...
+        """Make the engine sample from the current weights of `model` (a one-process model): by default its
+        weights are loaded with `load_weights`."""
+        self.load_weights(policy_named_tensors(model))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> None:
         """Make the engine sample from these weights: full (unsharded) tensors under Hugging Face names,
         `lm_head.weight` included even when tied, consumed one at a time. Engines that sample from the training
         model object itself (`shares_policy_weights = True`) never need it."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} cannot load weights; it must share the policy's")
+
+    def sleep(self) -> None:
+        """Free device memory until the next weight load (an update runs meanwhile)."""
+
+    def rebuild(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """Start again from these weights after a failed `load_weights`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild itself")
+
+    @property
+    def can_rebuild(self) -> bool:
+        return type(self).rebuild is not RolloutEngine.rebuild
+
+    def close(self) -> None:
+        """Release what the engine holds (processes, device memory)."""
 
 
 @contextmanager

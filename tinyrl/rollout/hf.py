@@ -12,13 +12,14 @@ from typing import Sequence
 
 import torch
 
-from tinyrl.rollout.base import Completion, SamplingConfig
+from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig
 from tinyrl.rollout.kv_decode import StaticKVDecoder, cache_argument
 
 
-class HFEngine:
+class HFEngine(RolloutEngine):
     # Samples from the training model object itself, so its log-probs are the current policy's.
     shares_policy_weights = True
+    environment_feedback = True  # decodes token by token in this process: the environment can write between tokens
 
     def __init__(self, model, tokenizer, batch_size: int = 512, fast_decode: bool = True, compact_below: float = 0.75):
         """`fast_decode`: use `StaticKVDecoder` when the architecture allows (else the model's own forward);

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from tinyrl.rollout.base import Completion, SamplingConfig, isolated_rng
+from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig, isolated_rng
 
 log = logging.getLogger("tinyrl")
 
@@ -139,7 +139,7 @@ def sampling_params(sampling: SamplingConfig, seed: int | None):
     )
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     # Samples from its own copy of the weights: the trainer must push new weights after every update.
     shares_policy_weights = False
     _live: "VLLMEngine | None" = None  # the engine running in this process, if any

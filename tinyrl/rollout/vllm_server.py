@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from tinyrl import devices
-from tinyrl.rollout.base import Completion, SamplingConfig
+from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig
 from tinyrl.rollout.vllm import CPU_KV_CACHE_BYTES, FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
 
 log = logging.getLogger("tinyrl")
@@ -119,7 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(RolloutEngine):
     # Samples from the server's copy of the weights: the trainer must push new weights after every update.
     shares_policy_weights = False
 
