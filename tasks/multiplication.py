@@ -7,7 +7,9 @@ Scores (``Multiplication.reward``) are always one of three values:
 
 * ``correct_score`` (1.0): the last ``<answer>...</answer>`` holds exactly the product as a plain integer;
 * ``format_score`` (0.1): an ``<answer>`` tag is present but its content is not that integer;
-* ``0.0``: no ``<answer>`` tag.
+* ``0.0``: no ``<answer>`` tag, or the answer is the prompt's own example (``EXAMPLE_ANSWER``) and not the
+  product: copying the example is not answering, so it earns no format bonus (a model that learned to copy it
+  would otherwise collect the bonus on every problem without ever computing a product).
 
 The verifier accepts only ASCII digits (surrounding whitespace allowed): no expressions, signs, decimal points,
 digit separators, exponents, leading zeros or non-ASCII digits (Python's ``int`` would accept ``"٤٢"``, ``"4_2"``
@@ -28,11 +30,14 @@ from typing import ClassVar
 from tinyrl.task import SPLITS, Reward, TaskError, TooFewProblems, register_task
 from tinyrl.tasks.countdown import extract_answer
 
-__all__ = ["Multiplication", "check_product", "long_multiplication", "split_of", "REASONS"]
+__all__ = ["Multiplication", "check_product", "long_multiplication", "split_of", "REASONS", "EXAMPLE_ANSWER"]
+
+EXAMPLE_ANSWER = "1234"  # the answer the prompt shows as the format's example
 
 REASONS = (
     "correct",
     "no answer",
+    "example copied",
     "empty answer",
     "answer too long",
     "expression",
@@ -220,7 +225,7 @@ class Multiplication:
         a, b = self._row(row)
         return (
             f"Compute {a} * {b}. Work it out step by step inside <think> </think>, then give only the product as a "
-            f"plain integer inside <answer> </answer>, for example <answer>1234</answer>."
+            f"plain integer inside <answer> </answer>, for example <answer>{EXAMPLE_ANSWER}</answer>."
         )
 
     def prompt(self, row: dict) -> str:
@@ -248,7 +253,8 @@ class Multiplication:
         """Score from {0.0, format_score, correct_score}: the last <answer> must be the product, digits only.
 
         score = correct_score if answer == str(a * b) (ASCII digits, no leading zero), format_score if an
-        <answer> tag is present, else 0: TinyZero's multiplication reward (Pan et al., 2025), strict about form.
+        <answer> tag is present, else 0: TinyZero's multiplication reward (Pan et al., 2025), strict about form;
+        0 also for the prompt's example answer copied (unless it is the product).
         """
         if not isinstance(completion, str):
             raise TypeError(f"Multiplication.reward: completion must be str, got {type(completion).__name__}")
@@ -258,6 +264,9 @@ class Multiplication:
             return Reward(0.0, False, False, {"reason": "no answer"}, {"correct": 0.0, "format": 0.0})
         reason = check_product(answer, a * b, self.max_answer_chars)
         correct = reason == "correct"
+        if not correct and answer.strip() == EXAMPLE_ANSWER:
+            info = {"reason": "example copied", "answer": EXAMPLE_ANSWER}
+            return Reward(0.0, False, False, info, {"correct": 0.0, "format": 0.0})
         score = self.correct_score if correct else self.format_score
         parts = {"correct": score if correct else 0.0, "format": 0.0 if correct else score}
         info = {"reason": reason, "answer": answer[: self.max_answer_chars].strip()}

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinyrl.task import get_task
-from tinyrl.tasks.multiplication import REASONS, Multiplication, long_multiplication, split_of
+from tinyrl.tasks.multiplication import EXAMPLE_ANSWER, REASONS, Multiplication, long_multiplication, split_of
 
 MUL = Multiplication()
 ROW = {"a": 123, "b": 45}  # 5535
@@ -73,6 +73,18 @@ def test_last_answer_wins_and_an_unclosed_final_tag_counts():
     no_tag = MUL.reward("The product is 5535.", ROW)
     assert no_tag.score == 0.0 and not no_tag.formatted and no_tag.info["reason"] == "no answer"
     assert MUL.reward("<answer>5535</answer>\nThat is my final answer.", ROW).correct
+
+
+def test_copying_the_prompts_example_answer_earns_nothing_unless_it_is_the_product():
+    """The prompt shows `<answer>1234</answer>` as the format; a model that copies it has computed nothing, so it
+    must not collect the format bonus (RL on SmolLM2 learned exactly that copy when it did)."""
+    assert f"<answer>{EXAMPLE_ANSWER}</answer>" in MUL.messages(ROW)[1]["content"]
+    for content in (EXAMPLE_ANSWER, f" {EXAMPLE_ANSWER}\n"):
+        r = score(content)
+        assert r.score == 0.0 and not r.correct and not r.formatted and r.info["reason"] == "example copied"
+        assert r.components == {"correct": 0.0, "format": 0.0}
+    assert score("1235").score == MUL.format_score  # any other wrong integer still shows the format
+    assert score(EXAMPLE_ANSWER, {"a": 617, "b": 2}).correct  # 617 * 2 = 1234: the right product is right
 
 
 def test_bad_rows_and_arguments_are_named():
