@@ -15,8 +15,9 @@ steps_per_generation=1, num_iterations=1, learning_rate=1e-6, gradient_checkpoin
 the rest TRL's defaults (loss_type dapo, scale_rewards group). Reported per step: wall seconds, and the phases:
 tinyrl's own `time/*` metrics; for TRL, `_generate` (sampling), the rest of `_generate_and_score_completions`
 (reward, advantages, bookkeeping), and the remaining time of the step (the forward, backward and optimizer step).
-The arithmetic floor printed beside them: 2 x parameters per generated token and 6 x parameters per trained token
-(plus 2 x parameters per prompt token run in the update), at the machine's measured float32 matmul rate.
+The arithmetic floor printed beside them: 2 x parameters per generated token and 6 x parameters per trained token,
+each distinct prompt's tokens counted once in both (prefilled once; trained once, their keys and values feed every
+response), at the machine's measured float32 matmul rate.
 
 Sampling (`--part gen-hf` / `gen-generate` / `gen-vllm`): 8 prompts x 8 completions x up to 128 new tokens at
 temperature 1: tinyrl's transformers engine, `model.generate` (one call of 64 rows, KV cache), and vLLM
@@ -379,8 +380,11 @@ def main() -> None:
             if gflops and trainer == "tinyrl":
                 tokens = mean(r["tokens"][later])
                 prompt = sum(r.get("prompt_tokens", [])) if r.get("prompt_tokens") else 0
-                print(f"   floor at {gflops:.0f} GFLOP/s: generation {2 * params * tokens / gflops / 1e9:.1f} s, "
-                      f"update {(6 * params * tokens + 2 * params * prompt) / gflops / 1e9:.1f} s")
+                # each distinct prompt is prefilled once and trained once: its positions feed the responses' keys and
+                # values, so they need the backward pass too
+                flop = params * (tokens + prompt)
+                print(f"   floor at {gflops:.0f} GFLOP/s: generation {2 * flop / gflops / 1e9:.1f} s, "
+                      f"update {6 * flop / gflops / 1e9:.1f} s")
     for part in ("gen-hf", "gen-generate", "gen-vllm"):
         for r in results.get(part, []):
             print(f"| {part} | {r['seconds']:.1f} | {r['tokens']} | {r['tokens'] / r['seconds']:.0f} | "
