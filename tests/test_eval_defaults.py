@@ -49,6 +49,14 @@ def test_eval_of_a_run_checkpoint_uses_the_runs_settings(tiny_model_dir, tmp_pat
     assert told["n_problems"] == 4 and told["response_length_max"] <= 3  # what the command line says wins
     assert told["settings"]["task"] == TASK and told["split"] == "validation"  # the rest still from the run
 
+    # a run's step folder means its actor; a folder without a model, or no folder, is one line naming checkpoint
+    step, _ = _eval([f"checkpoint={actor.parent}", "pass_k=0"], tmp_path)
+    assert {k: v for k, v in step.items() if k not in REPORT_ONLY} == summary["eval_after_rl"]
+    for wrong in (run / "checkpoints", run / "no_such_step"):
+        refused = _tinyrl_eval([f"checkpoint={wrong}"], tmp_path)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "checkpoint: " in lines[0] and str(wrong) in lines[0]
+
     # the training key for the same thing would be ignored: refused in one line, naming the key to give
     for key, instead in (("task.eval_size=4", "size="), ("task.eval_split=test", "split=")):
         refused = _tinyrl_eval([f"checkpoint={actor}", key], tmp_path)

@@ -52,6 +52,26 @@ def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
     return None
 
 
+def model_directory(checkpoint: str) -> str:
+    """The model directory `tinyrl-eval checkpoint=...` names: a model folder as given, or the `actor/` inside a
+    run's `checkpoints/step_*`. A path that holds no model is refused in one line (a hub id is left to
+    transformers)."""
+    from tinyrl.config import ConfigError
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        if (path / "actor" / "config.json").is_file():
+            return str(path / "actor")
+        raise ConfigError(f"checkpoint: {path} holds no model (no config.json); give a run's "
+                          f"checkpoints/step_*/actor, sft_model or base_model, or a Hugging Face model directory")
+    looks_like_a_path = checkpoint.startswith(("/", ".", "~")) or checkpoint.count("/") > 1 or path.exists()
+    if looks_like_a_path:
+        raise ConfigError(f"checkpoint: {path} is not a directory")
+    return checkpoint
+
+
 def with_run_settings(cfg, overrides: Sequence[str] = ()):
     """`cfg` (conf/eval.yaml) with the task and generation settings of the run that wrote `cfg.checkpoint`, except
     the keys named in `overrides`; returns it and the run directory (None for a model no run wrote)."""
@@ -90,6 +110,7 @@ def evaluate_checkpoint(cfg, overrides: Sequence[str] = ()) -> dict:
     from tinyrl.task import TooFewProblems, get_task
 
     refuse_training_only_keys(overrides)
+    cfg.checkpoint = model_directory(str(cfg.checkpoint))
     cfg, run_dir = with_run_settings(cfg, overrides)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
