@@ -373,11 +373,15 @@ class World:
         tokenizer: Any,
         state: dict,
         keep_last: int,
+        export: Callable[[str, Any, dict], Mapping[str, Any] | None] | None = None,
     ) -> Path:
         """Write one atomic checkpoint: the full Hugging Face weights of `models` (rank 0), every rank's shard
         of each optimizer's state (`optimizer/`, torch.distributed.checkpoint) and `state` (rank 0).
 
-        `optimizers` maps a name to (model, optimizer). Collective: every rank calls it; returns the path.
+        `optimizers` maps a name to (model, optimizer). `export(name, model, full_weights)`, on rank 0, may
+        return the directories to write for a model instead of its own (a name to an object with
+        `save_pretrained`; LoRA writes a merged model and the adapter); None keeps the default. Collective: every
+        rank calls it; returns the path.
         """
         from tinyrl.checkpoint import begin_checkpoint, commit_checkpoint
 
@@ -387,7 +391,10 @@ class World:
             self._save_optimizers(staging / OPTIMIZER_DIR, optimizers)
             path = None
             if self.is_main:
-                savers = {name: _WeightsOf(model, weights[name]) for name, model in models.items()}
+                savers = {}
+                for name, model in models.items():
+                    exported = export(name, model, weights[name]) if export is not None else None
+                    savers.update(exported if exported is not None else {name: _WeightsOf(model, weights[name])})
                 path = commit_checkpoint(run_dir, step, staging, savers, tokenizer, state, keep_last=keep_last)
         except BaseException:
             if self.is_main:
