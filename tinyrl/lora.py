@@ -38,11 +38,13 @@ _LORA_PART = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\." + ADAPTER + r
 _BASE_PART = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
 
 
-def peft_config(lora, base_path: str | None = None):
-    """PEFT's `LoraConfig` for `model.lora` (`tinyrl.config.LoraConfig`)."""
+def peft_config(lora, base_path: str | None = None, targets: list[str] | None = None):
+    """PEFT's `LoraConfig` for `model.lora` (`tinyrl.config.LoraConfig`); `targets` replaces its target modules
+    (the module names `all-linear` resolved to, as PEFT itself records them)."""
     from peft import LoraConfig
 
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if targets is None:
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none",
         task_type="CAUSAL_LM", base_model_name_or_path=base_path,
@@ -163,7 +165,9 @@ class AdapterFiles:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        peft_config(self.lora, self.base_path).save_pretrained(str(path))
+        # the adapted modules by name, as PEFT records `all-linear` once resolved (vLLM reads them too)
+        targets = sorted({name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for name in self.weights})
+        peft_config(self.lora, self.base_path, targets).save_pretrained(str(path))
         save_file(self.weights, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 

@@ -234,6 +234,8 @@ class RLTrainer:
         cfg = self.cfg
         options = engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
                                  device=str(self.device), per_rank=self.world.sharded)
+        if self.lora is not None and self.lora.weight_sync == "adapter":
+            options["max_lora_rank"] = self.lora.rank  # vLLM with LoRA support: the trainer sends adapters only
         if options.get("distributed_executor_backend") != "external_launcher":
             return make_engine(cfg.rollout.engine, policy, tokenizer, **options)
 
@@ -442,13 +444,13 @@ class RLTrainer:
             call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
             return
         if self.lora is not None and self.lora.weight_sync == "adapter":
-            from tinyrl.lora import adapter_weights
+            from tinyrl.lora import AdapterFiles
 
-            # every rank gathers the adapters (a collective per tensor, in step); the engine serves them as a new
-            # LoRA adapter named by the step
-            adapters = adapter_weights(self.world.full_weights(self.policy))
-            call_with_timeout(self.engine.load_adapter, timeout, "rollout adapter sync", step, adapters,
-                              self.lora, self.base_path)
+            # every rank gathers the adapters (a collective per tensor, in step; the frozen base never changes,
+            # so the engine keeps the base it started from) and its engine serves them as adapter version `step`
+            adapter = AdapterFiles(self.lora, self.base_path,
+                                   dict(self.world.full_weights(self.policy, only=lambda name: ".lora_" in name)))
+            call_with_timeout(self.engine.load_adapter, timeout, "rollout adapter sync", step, adapter)
             return
         try:
             call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync", self._engine_weights())
