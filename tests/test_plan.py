@@ -272,6 +272,7 @@ def test_the_readmes_memory_figures_are_the_plans():
     readme = (REPO / "README.md").read_text()
     assert presets_table(["countdown_grpo_qwen3b", "countdown_ppo_qwen3b", "countdown_ppo_qwen3b_colocated"], 2) in readme
     assert presets_table(["countdown_grpo_qwen3b", "countdown_grpo_qwen3b_server"], 1) in readme
+    assert presets_table(["countdown_grpo_qwen3b", "countdown_grpo_qwen3b_lora"], 1) in readme
     claims = _claims(readme)
     assert len(claims) >= 3
     for claim in claims:
