@@ -107,6 +107,24 @@ def test_a_step_changes_only_the_adapters_and_adamw_holds_only_their_state(tiny_
         trainer.close()
 
 
+@pytest.mark.parametrize("extra", [["model.gradient_checkpointing=true"], ["model.dtype=bfloat16"]])
+def test_adapters_train_with_activation_checkpointing_and_with_a_bf16_base(tiny_model_dir, tmp_path, extra):
+    """Activation checkpointing passes gradients to adapters behind a frozen embedding; a bf16 compute dtype keeps
+    the frozen base in bf16 and the adapters with their AdamW state in float32 (the GPU layout, here on the CPU)."""
+    trainer = _trainer(tiny_model_dir, tmp_path / "run", *extra)
+    try:
+        params = dict(trainer.policy.named_parameters())
+        before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        metrics = trainer.step()
+        assert metrics.get("optim/skipped", 0.0) == 0.0 and metrics["optim/grad_norm"] > 0
+        assert any(not torch.equal(before[n], params[n]) for n in before if ".lora_B." in n)
+        frozen = {p.dtype for p in params.values() if not p.requires_grad}
+        assert frozen == {trainer.dtype} and {p.dtype for n, p in params.items() if n in before} == {torch.float32}
+        assert {t.dtype for s in trainer.optimizer.state.values() for t in s.values() if t.dim()} == {torch.float32}
+    finally:
+        trainer.close()
+
+
 def test_reference_with_adapters_disabled_is_the_base_model_exactly(tiny_model_dir, tmp_path):
     trainer = _trainer(tiny_model_dir, tmp_path / "run", "algorithm.kl_coef=0.05")
     try:
