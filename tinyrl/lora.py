@@ -21,7 +21,6 @@ PEFT is an optional dependency (`pip install 'tinyrl[lora]'`); it is imported on
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -64,8 +63,8 @@ def add_adapters(model, lora, frozen_dtype: torch.dtype = torch.float32, base_pa
         wrapped = get_peft_model(model, peft_config(lora, base_path), adapter_name=ADAPTER)
     except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
         raise ValueError(f"model.lora.target_modules: {err}".splitlines()[0]) from err
-    inner = wrapped.base_model.model
-    assert inner is model  # PEFT injects in place; the trainer keeps this object
+    if wrapped.base_model.model is not model:  # the trainer keeps the object it was given
+        raise RuntimeError("PEFT did not adapt the model in place; tinyrl needs peft>=0.17,<0.22")
     for name, param in model.named_parameters():
         if ".lora_" in name:
             param.data = param.data.float()
@@ -203,6 +202,3 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
                          f"{len(expected)}: saved with another model.lora?")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
-
-def saved_lora_config(adapter_dir: str | Path) -> dict:
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
