@@ -52,10 +52,11 @@ def _overrides(tiny_model_dir, run_dir, *extra):
     ("model.lora.target_modules=[]", "model.lora.target_modules"),
     ("model.lora.weight_sync=adapters", "model.lora.weight_sync"),
     ("model.lora.weight_sync=adapter", "model.lora.weight_sync"),  # needs rollout.engine=vllm
+    ("rollout=vllm model.lora.weight_sync=adapter rollout.sleep_level=2", "model.lora.weight_sync"),
 ])
 def test_bad_lora_keys_fail_in_one_line_naming_the_key(override, key, tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(["model.lora.enabled=true", override])
+        load_config(["model.lora.enabled=true", *override.split()])
     message = str(err.value)
     assert key in message and "\n" not in message
 

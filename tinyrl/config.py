@@ -389,6 +389,9 @@ def _validate_lora(cfg: TrainConfig) -> None:
            "model.lora.weight_sync",
            f"adapter sync needs rollout.engine=vllm with rollout.layout=colocated (got rollout.engine="
            f"{cfg.rollout.engine}, layout={cfg.rollout.layout}); use merged")
+    _check(lora.weight_sync == "merged" or cfg.rollout.sleep_level != 2, "model.lora.weight_sync",
+           "adapter sync keeps vLLM's base weights, which rollout.sleep_level=2 discards at every update; use "
+           "rollout.sleep_level=1 or weight_sync=merged")
     import importlib.util
 
     _check(importlib.util.find_spec("peft") is not None, "model.lora.enabled",
