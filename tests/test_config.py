@@ -17,7 +17,7 @@ def test_default_experiment_composes_to_the_cpu_demo():
     assert cfg.task.name == "countdown" and cfg.task.eval_size >= 500
 
 
-@pytest.mark.parametrize("experiment", ["countdown_grpo_qwen3b", "countdown_ppo_qwen3b"])
+@pytest.mark.parametrize("experiment", ["countdown_grpo_qwen3b", "countdown_ppo_qwen3b", "countdown_grpo_qwen3b_lora"])
 def test_gpu_experiments_compose(experiment):
     cfg = load_config([f"experiment={experiment}"])
     assert cfg.model.path == "Qwen/Qwen2.5-3B"
@@ -28,6 +28,11 @@ def test_gpu_experiments_compose(experiment):
         assert cfg.algorithm.kl_coef == pytest.approx(0.001)
         assert cfg.trainer.prompts_per_step == 256
         assert cfg.trainer.lr == pytest.approx(1e-6) and cfg.trainer.critic_lr == pytest.approx(1e-5)
+    if experiment == "countdown_grpo_qwen3b_lora":  # the full GRPO preset with LoRA at 10x its learning rate
+        full = load_config(["experiment=countdown_grpo_qwen3b"])
+        assert cfg.model.lora.enabled and cfg.model.lora.rank == 32 and cfg.model.lora.target_modules == "all-linear"
+        assert cfg.trainer.lr == pytest.approx(10 * full.trainer.lr)
+        assert (cfg.rollout, cfg.algorithm, cfg.trainer.steps) == (full.rollout, full.algorithm, full.trainer.steps)
 
 
 def test_command_line_algorithm_beats_the_experiment_default():

@@ -87,6 +87,40 @@ def test_plan_matches_an_updates_state_exactly_and_bounds_its_peak(plan_model, t
     assert 0.75 * planned <= measured <= planned, (measured, planned)
 
 
+def test_lora_plan_matches_an_updates_state_exactly_and_bounds_its_peak(plan_model, tmp_path):
+    pytest.importorskip("peft")
+    cfg = _config(plan_model, tmp_path / "run", "model.lora.enabled=true", "model.lora.rank=8")
+    trainer = RLTrainer.from_config(cfg)
+    try:
+        trainer.policy.train()
+        stats = {}
+        measured = measured_peak_bytes(lambda: stats.update(
+            trainer._optimizer_step(_full_rows_batch(), list(range(ROWS)), step=1, on_policy=True)))
+        assert "optim/skipped" not in stats
+    finally:
+        trainer.close()
+    plan = memory_plan(cfg, world_size=1, gpu_gb=1.0, device="cpu")
+    params = dict(trainer.policy.named_parameters())
+    adapters = sum(p.numel() * p.element_size() for n, p in params.items() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for n, p in params.items() if not p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values())
+    assert plan.components["frozen base weights (compute dtype)"] == frozen
+    assert plan.components["LoRA adapter weights (float32)"] == adapters
+    assert plan.components["LoRA adapter gradients (float32)"] == adapters  # one float32 gradient per adapter weight
+    assert plan.components["LoRA adapter AdamW moments (float32)"] == moments
+    assert "reference weights (compute dtype)" not in plan.components and "policy weights (float32)" not in plan.components
+    planned = max(plan.phases["update"], plan.phases["optimizer step"])
+    assert 0.75 * planned <= measured <= planned, (measured, planned)
+
+
+def test_grpo_3b_with_lora_fits_one_80gb_gpu():
+    lora = memory_plan(load_config(["experiment=countdown_grpo_qwen3b_lora"]), world_size=1, gpu_gb=80)
+    full = memory_plan(load_config(["experiment=countdown_grpo_qwen3b"]), world_size=1, gpu_gb=80)
+    assert lora.fits and not full.fits
+    assert lora.components["LoRA adapter weights (float32)"] == 4 * 59_867_136  # rank 32 on all 7 linear x 36 layers
+    assert lora.components["frozen base weights (compute dtype)"] == 2 * KNOWN_SHAPES["Qwen/Qwen2.5-3B"].parameters()
+
+
 def test_plan_estimates_the_sampling_peak(plan_model, tmp_path):
     cfg = _config(plan_model, tmp_path / "run", "rollout.n=1", "algorithm.advantage=reinforce_pp",
                   "rollout.batch_size=64", "trainer.prompts_per_step=64", "trainer.prompts_per_mini_batch=64",
@@ -238,6 +272,7 @@ def test_the_readmes_memory_figures_are_the_plans():
     readme = (REPO / "README.md").read_text()
     assert presets_table(["countdown_grpo_qwen3b", "countdown_ppo_qwen3b", "countdown_ppo_qwen3b_colocated"], 2) in readme
     assert presets_table(["countdown_grpo_qwen3b", "countdown_grpo_qwen3b_server"], 1) in readme
+    assert presets_table(["countdown_grpo_qwen3b", "countdown_grpo_qwen3b_lora"], 1) in readme
     claims = _claims(readme)
     assert len(claims) >= 3
     for claim in claims:

@@ -44,6 +44,21 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA training (tinyrl/lora.py, built with PEFT): only low-rank adapters train; the base stays frozen."""
+
+    enabled: bool = False
+    rank: int = 8  # r: the adapters' inner dimension
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    # all-linear: every linear layer but the LM head (PEFT's name); or a list of module names (q_proj, v_proj, ...)
+    target_modules: Any = "all-linear"
+    # merged: push W + (alpha/r) B A to the rollout engine (every engine); adapter: push only the adapters, as a new
+    # vLLM LoRA adapter per version (rollout.engine=vllm, vLLM built with LoRA support: GPU)
+    weight_sync: str = "merged"
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = None  # local dir or hub name of the policy; null builds the tiny model in the run dir
     critic_path: Optional[str] = None  # null: the critic starts from the policy's weights (PPO only)
@@ -54,6 +69,7 @@ class ModelConfig:
     # auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa; or sdpa | eager | flash_attention_2 |
     # flash_attention_3 | flex_attention (GPU only: no backward pass on the CPU)
     attn_implementation: str = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -340,6 +356,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(s.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {s.batch_size}")
         _check(s.lr > 0, "sft.lr", f"must be > 0, got {s.lr}")
         _check(s.num_traces >= 1, "sft.num_traces", f"must be >= 1, got {s.num_traces}")
+    _validate_lora(cfg)
     _validate_task(cfg.task)
     _validate_distributed(cfg)
     _validate_packing(cfg)
@@ -353,6 +370,32 @@ def validate(cfg: TrainConfig) -> None:
         )
     _validate_logging(cfg.logging)
     _validate_algorithm(a, r)  # last: it imports torch, so the checks above answer without it
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    _check(isinstance(lora.rank, int) and lora.rank >= 1, "model.lora.rank", f"must be an integer >= 1, got {lora.rank!r}")
+    _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    targets = lora.target_modules
+    _check(targets == "all-linear" or (isinstance(targets, (list, tuple)) and len(targets) > 0
+                                       and all(isinstance(t, str) and t for t in targets)),
+           "model.lora.target_modules", f"must be all-linear or a non-empty list of module names, got {targets!r}")
+    _check(lora.weight_sync in ("merged", "adapter"), "model.lora.weight_sync",
+           f"must be merged or adapter, got {lora.weight_sync!r}")
+    _check(lora.weight_sync == "merged" or (cfg.rollout.engine == "vllm" and cfg.rollout.layout == "colocated"),
+           "model.lora.weight_sync",
+           f"adapter sync needs rollout.engine=vllm with rollout.layout=colocated (got rollout.engine="
+           f"{cfg.rollout.engine}, layout={cfg.rollout.layout}); use merged")
+    _check(lora.weight_sync == "merged" or cfg.rollout.sleep_level != 2, "model.lora.weight_sync",
+           "adapter sync keeps vLLM's base weights, which rollout.sleep_level=2 discards at every update; use "
+           "rollout.sleep_level=1 or weight_sync=merged")
+    import importlib.util
+
+    _check(importlib.util.find_spec("peft") is not None, "model.lora.enabled",
+           "LoRA needs PEFT, which is not installed: pip install 'tinyrl[lora]'")
 
 
 def _validate_rollout(r: RolloutConfig) -> None:

@@ -321,14 +321,16 @@ class World:
                 unit.set_reshard_after_forward(not is_root, recurse=False)  # as `shard` set them
                 unit.reshard()
 
-    def full_weights(self, model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_weights(self, model, dtype: torch.dtype | None = None,
+                     only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """`(hf_name, full tensor)` for every entry of the model's state dict, gathered one tensor at a time.
 
         Every rank receives every tensor (for per-rank rollout engines' `load_weights`); names are Hugging
         Face names. A tensor shared under two names is yielded once, under the name that comes first (a tied
         `lm_head.weight` is left out: it is the embedding, and vLLM skips it too). `dtype` (e.g. the compute
         dtype) casts each shard before it is gathered, which halves the traffic from float32 master weights to
-        bf16. Must be consumed to the end on every rank, in step: each tensor is a collective. In a world of one
+        bf16. `only(name)` false leaves a tensor out (e.g. all but LoRA's adapters). Must be consumed to the end
+        on every rank, in step: each tensor is a collective. In a world of one
         the model's own tensors are yielded (no copy unless cast).
 
         It first waits for the device's queued work: the consumer (a vLLM engine thread, an NCCL sender) reads
@@ -341,7 +343,7 @@ class World:
         devices.synchronize(self.device)
         aliases = tied_aliases(model)
         for name, tensor in model.state_dict().items():
-            if name in aliases:
+            if name in aliases or (only is not None and not only(name)):
                 continue
             if isinstance(tensor, DTensor):
                 local = tensor.to_local()
@@ -373,11 +375,15 @@ class World:
         tokenizer: Any,
         state: dict,
         keep_last: int,
+        export: Callable[[str, Any, dict], Mapping[str, Any] | None] | None = None,
     ) -> Path:
         """Write one atomic checkpoint: the full Hugging Face weights of `models` (rank 0), every rank's shard
         of each optimizer's state (`optimizer/`, torch.distributed.checkpoint) and `state` (rank 0).
 
-        `optimizers` maps a name to (model, optimizer). Collective: every rank calls it; returns the path.
+        `optimizers` maps a name to (model, optimizer). `export(name, model, full_weights)`, on rank 0, may
+        return the directories to write for a model instead of its own (a name to an object with
+        `save_pretrained`; LoRA writes a merged model and the adapter); None keeps the default. Collective: every
+        rank calls it; returns the path.
         """
         from tinyrl.checkpoint import begin_checkpoint, commit_checkpoint
 
@@ -387,7 +393,10 @@ class World:
             self._save_optimizers(staging / OPTIMIZER_DIR, optimizers)
             path = None
             if self.is_main:
-                savers = {name: _WeightsOf(model, weights[name]) for name, model in models.items()}
+                savers = {}
+                for name, model in models.items():
+                    exported = export(name, model, weights[name]) if export is not None else None
+                    savers.update(exported if exported is not None else {name: _WeightsOf(model, weights[name])})
                 path = commit_checkpoint(run_dir, step, staging, savers, tokenizer, state, keep_last=keep_last)
         except BaseException:
             if self.is_main:

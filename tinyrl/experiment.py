@@ -223,7 +223,10 @@ def starting_policy(cfg: TrainConfig, run: Run, base_path: str, task, train_rows
         return policy, tokenizer
 
     if run.checkpoint is not None:
-        policy, tokenizer = load(run.checkpoint / "actor", world.load_device)
+        # with LoRA the checkpoint's actor/ is the merged model; the run continues from its start weights and the
+        # checkpoint's adapter/ (RLTrainer.resume), which gives back the frozen base and the adapters exactly
+        lora_start = sft_dir if (cfg.sft.enabled and sft_dir.exists()) else Path(base_path)
+        policy, tokenizer = load(lora_start if cfg.model.lora.enabled else run.checkpoint / "actor", world.load_device)
         summary.update(run.state.get("extra", {}).get("summary", {}))
     elif cfg.sft.enabled and (sft_dir / "config.json").exists():
         policy, tokenizer = load(sft_dir, world.load_device)

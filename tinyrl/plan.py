@@ -103,6 +103,24 @@ class ModelShape:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.kv_size * dtype_bytes
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear layer of a decoder layer, by module name."""
+        h, kv, i = self.hidden_size, self.kv_size, self.intermediate_size
+        return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+                "up_proj": (i, h), "down_proj": (h, i)}
+
+    def adapter_shapes(self, rank: int, targets) -> list[tuple[int, ...]]:
+        """LoRA's A [r, in] and B [out, r] for every adapted linear layer (`model.lora.target_modules`; all-linear:
+        every linear layer of every decoder layer, the LM head excepted)."""
+        linear = self.linear_shapes()
+        names = list(linear) if targets == "all-linear" else list(targets)
+        unknown = [n for n in names if n not in linear]
+        if unknown:
+            raise ConfigError(f"model.lora.target_modules: tinyrl-plan counts adapters on a decoder layer's linear "
+                              f"layers ({', '.join(linear)}), not {unknown}")
+        per_layer = [shape for n in names for shape in ((rank, linear[n][1]), (linear[n][0], rank))]
+        return per_layer * self.num_layers
+
 
 # Shapes of models a plan may be asked about without their files at hand (from their published config.json).
 KNOWN_SHAPES = {
@@ -242,9 +260,20 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
     # --- state
     policy_shapes = shape.parameter_shapes("lm")
     n_policy = sharded_elements(policy_shapes, world_size)
-    c["policy weights (float32)"] = 4 * n_policy
-    c["policy AdamW moments (float32)"] = 8 * n_policy + 4 * len(policy_shapes)
-    if uses_reference(cfg.algorithm):
+    lora = cfg.model.lora if cfg.model.lora.enabled else None
+    if lora is None:
+        trained_shapes, n_trained, trained = policy_shapes, n_policy, "policy"
+        c["policy weights (float32)"] = 4 * n_policy
+    else:  # the frozen base in the compute dtype; only the float32 adapters have gradients and AdamW state
+        trained_shapes = shape.adapter_shapes(lora.rank, lora.target_modules)
+        n_trained, trained = sharded_elements(trained_shapes, world_size), "LoRA adapter"
+        c["frozen base weights (compute dtype)"] = compute * n_policy
+        c["LoRA adapter weights (float32)"] = 4 * n_trained
+        notes.append(f"LoRA rank {lora.rank}: {sum(math.prod(s) for s in trained_shapes) / 1e6:.1f}M adapter "
+                     f"parameters train; the frozen base is stored in the compute dtype and, with adapters "
+                     f"disabled, is the KL term's reference (no second copy)")
+    c[f"{trained} AdamW moments (float32)"] = 8 * n_trained + 4 * len(trained_shapes)
+    if uses_reference(cfg.algorithm) and lora is None:
         c["reference weights (compute dtype)"] = compute * n_policy
     critic = uses_critic(cfg.algorithm)
     critic_shapes = shape.parameter_shapes("value")
@@ -254,7 +283,7 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
         c["critic AdamW moments (float32)"] = 8 * n_critic + 4 * len(critic_shapes)
     state = [k for k in c]
     cpu_bytes = sum(c.values()) if offloaded else 0
-    c["policy gradients (float32)"] = 4 * n_policy
+    c[f"{trained} gradients (float32)"] = 4 * n_trained
     if critic:
         c["critic gradients (float32)"] = 4 * n_critic
 
@@ -266,9 +295,12 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
         c[copy_name] = compute * max(full_policy, full_critic)
     elif compute < 4:
         copy_name = "autocast copy of the weights (compute dtype), one process"
-        c[copy_name] = compute * max(full_policy, full_critic)
-        notes.append("in one process autocast casts each float32 weight to bf16 once per pass and keeps the copy "
-                     "until the pass ends; under torchrun FSDP gathers bf16 weights instead")
+        # a LoRA base already in the compute dtype is used as it is: autocast copies only the adapters
+        policy_copy = full_policy if lora is None else sum(math.prod(s) for s in trained_shapes)
+        c[copy_name] = compute * max(policy_copy, full_critic)
+        if lora is None:
+            notes.append("in one process autocast casts each float32 weight to bf16 once per pass and keeps the copy "
+                         "until the pass ends; under torchrun FSDP gathers bf16 weights instead")
 
     # --- generation
     generation: list[str] = []
@@ -282,7 +314,9 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
         cpu_bytes += held.cpu_bytes
         notes.extend(held.notes)
     else:
-        sampling_bytes = compute if sharded else 4
+        # in one process the engine samples from the policy itself: float32 master weights, or LoRA's base in the
+        # compute dtype
+        sampling_bytes = compute if sharded or lora is not None else 4
         batch = min(r.batch_size, math.ceil(t.prompts_per_step / world_size) * r.n)  # this rank's sequences
         row = r.max_prompt_tokens + r.max_response_tokens
         kv_token = shape.kv_bytes_per_token(sampling_bytes)
@@ -299,7 +333,7 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
         generation.append(prefill_name if prefill >= decode else decode_name)
         notes.append(f"sampling holds the KV cache of {batch} sequences of {row} tokens at a time "
                      f"(rollout.batch_size, or this rank's prompts x rollout.n when fewer)")
-        if not sharded and compute < 4:
+        if not sharded and compute < 4 and lora is None:
             notes.append("the transformers engine samples from the model it is given: in one process the float32 "
                          "master model, so its KV cache and logits are float32, twice what a torchrun rank's "
                          "gathered bf16 copy needs")
@@ -315,13 +349,14 @@ def _plan(cfg: TrainConfig, world_size: int, gpu_gb: float, device: str) -> Memo
         layer = sum(math.prod(s) for s in shape.layer_shapes())
         root = full_policy - layer * shape.num_layers
         update_copy = "FSDP gathered root + 2 layers, unsharded layer gradients"
-        c[update_copy] = compute * (root + 2 * layer) + 4 * 2 * layer
+        layer_trained = layer if lora is None else sum(math.prod(s) for s in trained_shapes) // shape.num_layers
+        c[update_copy] = compute * (root + 2 * layer) + 4 * 2 * layer_trained
     # AdamW's temporary sqrt(v): every (sharded) parameter at once on a GPU (foreach), the largest tensor on a CPU
-    largest = max(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in policy_shapes)
-    c["AdamW step temporary (float32)"] = 0 if offloaded else 4 * (max(n_policy, n_critic) if gpu else largest)
+    largest = max(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in trained_shapes)
+    c["AdamW step temporary (float32)"] = 0 if offloaded else 4 * (max(n_trained, n_critic) if gpu else largest)
 
     resident = [] if offloaded else state
-    grads = [] if offloaded else ["critic gradients (float32)" if n_critic > n_policy else "policy gradients (float32)"]
+    grads = [] if offloaded else ["critic gradients (float32)" if n_critic > n_trained else f"{trained} gradients (float32)"]
     phase_parts = {
         "generation": resident + generation,
         "no-gradient passes": resident + engine_asleep + ([copy_name] if copy_name else [])

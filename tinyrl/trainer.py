@@ -9,6 +9,7 @@ checkpoints and stop signals; `close()` ends the records (`curves.png`). The los
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -90,10 +91,12 @@ class RLTrainer:
         world: World | None = None,
         *,
         fresh_run: bool | None = None,
+        base_path: str | Path | None = None,
     ):
         """`fresh_run` (default: unless `cfg.resume`): `run_dir` must be missing or empty, as `tinyrl-train`
         requires, and the trainer writes the config there; False when the caller prepared the directory (a
-        resumed run, `tinyrl.experiment.train`)."""
+        resumed run, `tinyrl.experiment.train`). `base_path`: where the policy was loaded from, named in a LoRA
+        adapter's config (`model.lora`)."""
         self.cfg = cfg
         self.world = world or init_world(cfg.device, cfg.distributed.timeout_s)
         self.run_dir = Path(run_dir)
@@ -103,7 +106,10 @@ class RLTrainer:
         self.metrics = self.records.metrics  # metrics.jsonl (rank 0)
         self.device = self.world.device
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        if uses_reference(cfg.algorithm) and reference is None:
+        # with LoRA the reference is the policy with its adapters disabled (`_reference_pass`): no second copy
+        self.lora = cfg.model.lora if cfg.model.lora.enabled else None
+        self.base_path = str(base_path) if base_path is not None else None
+        if uses_reference(cfg.algorithm) and reference is None and self.lora is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model")
         if uses_critic(cfg.algorithm) and critic is None:
             raise ValueError(f"algorithm.advantage={cfg.algorithm.advantage!r} needs a critic model")
@@ -120,6 +126,12 @@ class RLTrainer:
         if getattr(task, "feedback", None) is not None and not self.engine.environment_feedback:
             raise ValueError(f"the task writes into its completions (feedback), which {type(self.engine).__name__} "
                              f"cannot do; use an engine with environment_feedback (rollout.engine=hf)")
+        if self.lora is not None:
+            from tinyrl.lora import add_adapters, has_adapters
+
+            # after the engine started from the base weights, which fresh adapters (B = 0) leave unchanged
+            if not has_adapters(policy):
+                policy = add_adapters(policy, self.lora, self.dtype, base_path=self.base_path)
         shard_options = {"compute_dtype": self.dtype, "cpu_offload": cfg.distributed.cpu_offload}
         self.policy, self.reference, self.critic = (
             self.world.shard(model, **shard_options) for model in (policy, reference, critic)
@@ -140,7 +152,9 @@ class RLTrainer:
         # padded passes run each group's prompt once; not under FSDP (every forward call is a collective there,
         # and ranks must make the same number of them) nor with activation checkpointing (it turns the cache off)
         self.share_prompts = not (self.packed_layout or self.world.sharded or cfg.model.gradient_checkpointing)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # only what trains: with LoRA the adapters, so AdamW holds no state for the frozen base
+        trained = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
         warmup = max(1, t.warmup_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         if self.critic is not None:
@@ -199,7 +213,7 @@ class RLTrainer:
         if cfg.model.gradient_checkpointing:
             enable_activation_checkpointing(policy)
         reference = critic = None
-        if uses_reference(cfg.algorithm):
+        if uses_reference(cfg.algorithm) and not cfg.model.lora.enabled:  # LoRA: the policy without its adapters
             reference, _ = load_policy(
                 start_path, device=device, dtype=reference_dtype, attn_implementation=attention
             )
@@ -211,7 +225,7 @@ class RLTrainer:
             if cfg.model.gradient_checkpointing:
                 enable_activation_checkpointing(critic)
         return cls(cfg, run_dir, policy, tokenizer, task, train_rows, eval_rows, reference, critic, world=world,
-                   fresh_run=False)
+                   fresh_run=False, base_path=start_path)
 
     def _start_engine(self, policy, tokenizer):
         """The rollout engine of `cfg.rollout`, started from the full (not yet sharded) policy. Under torchrun
@@ -220,6 +234,8 @@ class RLTrainer:
         cfg = self.cfg
         options = engine_options(cfg.rollout, dtype=str(self.dtype).removeprefix("torch."), seed=cfg.seed,
                                  device=str(self.device), per_rank=self.world.sharded)
+        if self.lora is not None and self.lora.weight_sync == "adapter":
+            options["max_lora_rank"] = self.lora.rank  # vLLM with LoRA support: the trainer sends adapters only
         if options.get("distributed_executor_backend") != "external_launcher":
             return make_engine(cfg.rollout.engine, policy, tokenizer, **options)
 
@@ -282,10 +298,10 @@ class RLTrainer:
                             self.policy, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
                             self.packed_layout, self.share_prompts,
                         )
-        if self.reference is not None:
-            with self.timer.phase("ref_logprobs", step), self.world.gathered(self.reference):
+        if self.reference is not None or (self.lora is not None and uses_reference(a)):
+            with self.timer.phase("ref_logprobs", step), self._reference_pass() as reference:
                 batch.ref_logprobs = batched_logprobs(
-                    self.reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
+                    reference, batch, t.micro_batch_tokens, temperature, self.device, self.dtype,
                     self.packed_layout, self.share_prompts,
                 )
         if self.critic is not None:
@@ -385,6 +401,19 @@ class RLTrainer:
         ids = self.world.positions(kept_per_round)
         return [Group(index, members, shaped, id_) for (index, members, shaped), id_ in zip(found, ids)], scored
 
+    @contextlib.contextmanager
+    def _reference_pass(self):
+        """The reference policy for a no-gradient pass: the frozen copy, or with LoRA the policy itself with its
+        adapters disabled (its base model, exactly)."""
+        if self.lora is None:
+            with self.world.gathered(self.reference):
+                yield self.reference
+            return
+        from tinyrl.lora import adapters_disabled
+
+        with self.world.gathered(self.policy), adapters_disabled(self.policy):
+            yield self.policy
+
     def _sampling_models(self) -> list:
         """The models the rollout engine runs itself: the policy, when the engine samples from it directly."""
         return [self.policy] if self.engine.shares_policy_weights else []
@@ -414,9 +443,17 @@ class RLTrainer:
         if self.engine.shares_policy_weights:
             call_with_timeout(self.engine.update_weights, timeout, "rollout weight sync", self.policy)
             return
+        if self.lora is not None and self.lora.weight_sync == "adapter":
+            from tinyrl.lora import AdapterFiles
+
+            # every rank gathers the adapters (a collective per tensor, in step; the frozen base never changes,
+            # so the engine keeps the base it started from) and its engine serves them as adapter version `step`
+            adapter = AdapterFiles(self.lora, self.base_path,
+                                   dict(self.world.full_weights(self.policy, only=lambda name: ".lora_" in name)))
+            call_with_timeout(self.engine.load_adapter, timeout, "rollout adapter sync", step, adapter)
+            return
         try:
-            call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync",
-                              self.world.full_weights(self.policy, dtype=self.dtype))
+            call_with_timeout(self.engine.load_weights, timeout, "rollout weight sync", self._engine_weights())
         except Exception as err:
             # after a timeout the load may still be running: rebuilding under it is unsafe
             if isinstance(err, TimeoutError) or not self.engine.can_rebuild:
@@ -425,12 +462,20 @@ class RLTrainer:
             log.warning("step %d: rollout weight sync failed (%s); rebuilding the engine from the current weights",
                         step, err)
             try:
-                call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild",
-                                  self.world.full_weights(self.policy, dtype=self.dtype))
+                call_with_timeout(self.engine.rebuild, timeout, "rollout engine rebuild", self._engine_weights())
             except Exception as again:
                 raise RuntimeError(f"rollout weight sync failed ({err}) and rebuilding the engine failed too "
                                    f"({type(again).__name__}: {again}); the run stops here (resume from the last "
                                    "checkpoint)") from again
+
+    def _engine_weights(self):
+        """The full weights a rollout engine loads, `(hf_name, tensor)` in the compute dtype, one at a time; with
+        LoRA the merged W + (alpha/r) B A, merged in float32 before the cast (`tinyrl.lora.merged_weights`)."""
+        if self.lora is None:
+            return self.world.full_weights(self.policy, dtype=self.dtype)
+        from tinyrl.lora import lora_scaling, merged_weights
+
+        return merged_weights(self.world.full_weights(self.policy), lora_scaling(self.lora), dtype=self.dtype)
 
     def _shaped_scores(self, completions, rewards) -> list[float]:
         """The rewards' scores, with DAPO's soft overlong punishment when `algorithm.overlong=soft`
@@ -685,6 +730,12 @@ class RLTrainer:
             log.warning("resuming a checkpoint of %d ranks on %d: the run continues equal up to float rounding, "
                         "not bit for bit", saved, self.world.size)
         self.load_state_dict(state)
+        if self.lora is not None:
+            from tinyrl.lora import ADAPTER_DIR, load_adapter_weights
+
+            # the policy was loaded from its start (base) weights; the adapters come from the checkpoint, exactly
+            load_adapter_weights(self.policy, Path(checkpoint_dir) / ADAPTER_DIR)
+            self._sync_weights(self.step_count)
         if (Path(checkpoint_dir) / OPTIMIZER_DIR).is_dir():
             self.world.load_optimizers(checkpoint_dir, self._optimizers())
 
@@ -701,8 +752,18 @@ class RLTrainer:
             models["critic"] = self.critic
         return self.world.save_checkpoint(
             self.run_dir, self.step_count, models, self._optimizers(), self.tokenizer, self.state_dict(),
-            keep_last=self.cfg.trainer.keep_last,
+            keep_last=self.cfg.trainer.keep_last, export=self._lora_export if self.lora is not None else None,
         )
+
+    def _lora_export(self, name: str, model, weights: dict) -> dict | None:
+        """With LoRA the checkpoint's `actor/` is the merged model (what vLLM and `tinyrl-eval` load) and `adapter/`
+        the adapter in PEFT's format (what a resume and `PeftModel.from_pretrained` load)."""
+        if name != "actor":
+            return None
+        from tinyrl.lora import ADAPTER_DIR, AdapterFiles, MergedModel
+
+        return {"actor": MergedModel(model, self.lora, weights),
+                ADAPTER_DIR: AdapterFiles(self.lora, self.base_path, weights)}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:

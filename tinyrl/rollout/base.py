@@ -66,7 +66,9 @@ class RolloutEngine:
     - `sleep()`: free device memory until the next weight load (does nothing by default);
     - `rebuild(named_tensors)`: start again from these weights after a failed load (by default it cannot, and a
       failed load stops the run; `can_rebuild` says whether an engine overrides it);
-    - `close()`: release processes and memory at the end of a run (does nothing by default).
+    - `close()`: release processes and memory at the end of a run (does nothing by default);
+    - `load_adapter(version, adapter)`: sample from the base weights plus this LoRA adapter from now on
+      (`model.lora.weight_sync=adapter`; by default an engine cannot, and the config is refused at start).
 
     A new engine is one file with a subclass, plus a row in `tinyrl.rollout.ENGINES` (or `register_engine`, or
     `rollout.engine=path/to/file.py:Class`, which builds `Class(model, tokenizer)`).
@@ -89,6 +91,12 @@ class RolloutEngine:
         `lm_head.weight` included even when tied, consumed one at a time. Engines that sample from the training
         model object itself (`shares_policy_weights = True`) never need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot load weights; it must share the policy's")
+
+    def load_adapter(self, version: int, adapter) -> None:
+        """Sample from the engine's base weights plus a LoRA adapter from now on: `adapter` has
+        `save_pretrained(directory)`, which writes it in PEFT's format (`tinyrl.lora.AdapterFiles`); `version`
+        (1, 2, ...) names it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve LoRA adapters; use model.lora.weight_sync=merged")
 
     def sleep(self) -> None:
         """Free device memory until the next weight load (an update runs meanwhile)."""

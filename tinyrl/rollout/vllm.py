@@ -121,6 +121,20 @@ def llm_options(options: dict, *, on_cpu: bool) -> dict:
     return out
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as max_lora_rank
+
+
+def lora_options(rank: int | None) -> dict:
+    """`vllm.LLM` options for serving one LoRA adapter of rank `rank` at a time ({} for None): `max_lora_rank`
+    is the smallest vLLM accepts at or above it."""
+    if rank is None:
+        return {}
+    allowed = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not allowed:
+        raise ValueError(f"model.lora.rank={rank}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_lora_rank": allowed[0], "max_loras": 1}
+
+
 def sampling_params(sampling: SamplingConfig, seed: int | None):
     """vLLM `SamplingParams` for one completion of `sampling` (stop strings kept in the text, as in HFEngine)."""
     from vllm import SamplingParams
@@ -160,12 +174,14 @@ class VLLMEngine(RolloutEngine):
         sleep_level: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         distributed_executor_backend: str | None = None,
+        max_lora_rank: int | None = None,
     ):
         """Start vLLM on the weights of `model` (written to a private directory) or on `model_path` as is.
 
         `seed` seeds vLLM's own generator (used by unseeded requests only).
         `sleep_level` (1 or 2; GPU only) releases weights and KV cache between generation and the next
-        weight load: see `sleep`. The other options are `vllm.LLM`'s, under its names.
+        weight load: see `sleep`. `max_lora_rank` (LoRA's rank) starts vLLM with LoRA support, for `load_adapter`.
+        The other options are `vllm.LLM`'s, under its names.
         """
         if not vllm_available():
             raise ImportError(f"rollout.engine=vllm needs vLLM: {INSTALL_HINT}")
@@ -193,7 +209,9 @@ class VLLMEngine(RolloutEngine):
             enable_sleep_mode=sleep_level is not None,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             distributed_executor_backend=distributed_executor_backend,
+            **lora_options(max_lora_rank),
         )
+        self._adapter: tuple | None = None  # (LoRARequest, its directory) of the adapter generate applies
         if model_path is None:
             if model is None:
                 raise ValueError("VLLMEngine needs a model or a model_path")
@@ -315,8 +333,9 @@ class VLLMEngine(RolloutEngine):
             requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
             prompts = [{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in requests]
             params = [sampling_params(sampling, completion_seed(base, sampling.prompt_offset + i, j)) for i, j in requests]
+            lora_request = self._adapter[0] if self._adapter is not None else None
             try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
             except Exception as err:
                 self._broken = f"generation failed: {err}"
                 raise
@@ -361,6 +380,25 @@ class VLLMEngine(RolloutEngine):
                 raise RuntimeError(f"VLLMEngine: {self._broken}") from err
         self._weights_discarded = False
         self._wake(["kv_cache"])
+
+    @_on_engine_thread
+    def load_adapter(self, version: int, adapter) -> None:
+        """Sample from the base weights plus `adapter` from now on: written in PEFT's format into the engine's
+        directory and named by `version` in a new `LoRARequest` (vLLM loads it at the next generate; with one
+        adapter slot the previous one is evicted). The previous version's files are removed."""
+        self._check_usable()
+        if not self._options.get("enable_lora"):
+            raise RuntimeError("VLLMEngine: load_adapter needs an engine started with max_lora_rank (LoRA support)")
+        from vllm.lora.request import LoRARequest
+
+        directory = self._work_dir / f"adapter-{version}"
+        shutil.rmtree(directory, ignore_errors=True)
+        adapter.save_pretrained(directory)
+        previous, self._adapter = self._adapter, (LoRARequest(f"policy-{version}", version, str(directory)), directory)
+        if previous is not None and previous[1] != directory:
+            shutil.rmtree(previous[1], ignore_errors=True)
+        with isolated_rng():
+            self.llm.reset_prefix_cache()  # cached keys and values of the previous adapter
 
     # ------------------------------------------------------------------ sleep mode (GPU only)
     @_on_engine_thread
