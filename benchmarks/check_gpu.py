@@ -23,6 +23,9 @@ process of its own and prints PASS, FAIL or SKIP with its figures:
 - vllm-tp2 (2 GPUs): one training process, its vLLM engine split over two GPUs (`rollout.tensor_parallel_size=2`;
   the weights reach the workers in other processes as files), two syncs, checked.
 - cpu-offload-clip (torchrun, 1+ GPUs): `distributed.cpu_offload=true` with gradient clipping engaged.
+- lora-vllm: LoRA (`model.lora`, rank 16) with vLLM colocated and adapter-only sync (`weight_sync=adapter`, a
+  LoRARequest per version; vLLM's LoRA kernels), bf16 compute over float32 adapters: two steps, each checked like
+  vllm-colocated; the frozen base must not change, the adapters must.
 
 The exit status is 0 only if every case this machine can run passed. Without vLLM the vLLM cases are skipped,
 and said so. Needs `pip install "tinyrl[vllm]"` for the vLLM cases; about 30 GB of free disk space for the model
@@ -44,9 +47,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-CASES = ("master-weights", "vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip")
+CASES = ("master-weights", "vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip",
+         "lora-vllm")
 TORCHRUN_CASES = ("torchrun-colocated", "cpu-offload-clip")
-VLLM_CASES = ("vllm-colocated", "server", "torchrun-colocated", "vllm-tp2")
+VLLM_CASES = ("vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "lora-vllm")
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
               num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6)
@@ -284,6 +288,35 @@ def case_vllm_colocated(args) -> dict:
     return {"ok": all(s["ok"] for s in syncs), "syncs": syncs}
 
 
+def case_lora_vllm(args) -> dict:
+    gpu = not args.cpu
+    extra = ["rollout=vllm", "rollout.layout=colocated", "rollout.sleep_level=1", "rollout.gpu_memory_utilization=0.3",
+             "model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32", "model.lora.weight_sync=adapter",
+             f"trainer.lr={1e-3 if gpu else 1e-2}"]  # LoRA's lr: about 10x full training's
+    extra += ["rollout.enforce_eager=false"] if gpu else ["rollout.kv_cache_memory_bytes=67108864"]
+    trainer, _ = trainer_for(args, "lora-vllm", *extra)
+    syncs = []
+    try:
+        names = [name for name, _ in trainer.policy.named_parameters()]
+        adapter = [".lora_" in name for name in names]
+        dtypes = sorted({str(p.dtype) for p, a in zip(trainer.policy.parameters(), adapter) if a})
+        for k in (1, 2):
+            before = snapshot(trainer.policy)
+            metrics = trainer.step()  # generate, update the adapters, send them to vLLM as a new LoRA version
+            after = snapshot(trainer.policy)
+            moved = [bool((b != a).any()) for b, a in zip(before, after)]
+            sync = {"sync_s": metrics["time/sync"], **agreement(trainer, before, seed=k),
+                    "base_changed": sum(m for m, a in zip(moved, adapter) if not a),
+                    "adapters_changed": sum(m for m, a in zip(moved, adapter) if a)}
+            sync["ok"] = (agreement_ok(sync, args.cpu) and sync["base_changed"] == 0
+                          and sync["adapters_changed"] > 0)
+            syncs.append(sync)
+    finally:
+        trainer.close()
+    ok = all(s["ok"] for s in syncs) and dtypes == ["torch.float32"]
+    return {"ok": ok, "adapter_dtypes": dtypes, "adapters": sum(adapter), "syncs": syncs}
+
+
 def case_server(args) -> dict:
     gpu = not args.cpu
     extra = ["rollout=vllm", "rollout.layout=server", f"trainer.lr={1e-4 if gpu else 1e-3}"]
@@ -369,7 +402,7 @@ def rank_cpu_offload_clip(args) -> dict:
 
 CASE_FUNCTIONS = {"master-weights": case_master_weights, "vllm-colocated": case_vllm_colocated,
                   "server": case_server, "torchrun-colocated": rank_torchrun_colocated, "vllm-tp2": case_vllm_tp2,
-                  "cpu-offload-clip": rank_cpu_offload_clip}
+                  "cpu-offload-clip": rank_cpu_offload_clip, "lora-vllm": case_lora_vllm}
 
 
 # ---------------------------------------------------------------------------------------------- orchestration

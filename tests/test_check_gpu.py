@@ -32,7 +32,7 @@ def test_the_gpu_check_runs_every_case_the_cpu_allows_and_passes(tmp_path):
     assert "trainable_dtypes=[torch.float32]" in done.stdout
     assert lines["cpu-offload-clip"] == lines["vllm-tp2"] == "SKIP"
     vllm = importlib.util.find_spec("vllm") is not None
-    for case in ("vllm-colocated", "server", "torchrun-colocated"):
+    for case in ("vllm-colocated", "server", "torchrun-colocated", "lora-vllm"):
         assert lines[case] == ("PASS" if vllm else "SKIP"), done.stdout
     if not vllm:
         assert "SKIP vllm-colocated: vLLM is not installed" in done.stdout
@@ -40,8 +40,9 @@ def test_the_gpu_check_runs_every_case_the_cpu_allows_and_passes(tmp_path):
 
 @pytest.mark.parametrize("gpus, runnable", [
     (0, set()),
-    (1, {"master-weights", "vllm-colocated", "cpu-offload-clip"}),
-    (2, {"master-weights", "vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip"}),
+    (1, {"master-weights", "vllm-colocated", "cpu-offload-clip", "lora-vllm"}),
+    (2, {"master-weights", "vllm-colocated", "server", "torchrun-colocated", "vllm-tp2", "cpu-offload-clip",
+         "lora-vllm"}),
 ])
 def test_the_gpu_check_runs_what_the_hardware_allows(gpus, runnable):
     check = _script()
