@@ -85,7 +85,9 @@ class RolloutConfig:
     batch_size: int = 512  # hf engine: sequences decoded together
     timeout_s: float = 1800.0  # generation or weight sync taking longer raises instead of hanging
     # vllm engine; the engine options carry vLLM's own names (see conf/rollout/vllm.yaml)
-    layout: str = "colocated"  # colocated: vLLM inside each training process | server: a separate vLLM server
+    # colocated: the engine inside each training process | server: a process of its own (a vLLM server, or for hf the
+    # transformers engine in a worker process), which can sample while the trainer updates (trainer.max_staleness)
+    layout: str = "colocated"
     gpu_memory_utilization: float = 0.5  # share of the GPU vLLM may take (weights + KV cache)
     tensor_parallel_size: int = 1
     max_model_len: Optional[int] = None  # null: max_prompt_tokens + max_response_tokens
