@@ -229,3 +229,13 @@ def test_max_staleness_is_checked_before_anything_loads(overrides, message, tiny
 
     with pytest.raises(ConfigError, match=message):
         validate(_config(tiny_model_dir, tmp_path / "run", *overrides))
+
+
+def test_max_staleness_under_torchrun_is_refused_at_start(tiny_model_dir, tmp_path):
+    from tinyrl.preflight import check_engine_fits_launch
+
+    cfg = _config(tiny_model_dir, tmp_path / "run", "trainer.max_staleness=1",
+                  "algorithm.rollout_correction.rollout_is=token")
+    check_engine_fits_launch(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="trainer.max_staleness: under torchrun each rank samples with a colocated"):
+        check_engine_fits_launch(cfg, world_size=2)

@@ -3,7 +3,9 @@
 `RLTrainer.step()` is one RL step, written top to bottom in the order of DESIGN.md ("One training step"), and
 its records (a `metrics.jsonl` row, samples, a scheduled held-out evaluation); `RLTrainer.fit()` runs steps with
 checkpoints and stop signals; `close()` ends the records (`curves.png`). The loss of each micro-batch is
-`algorithms.rl_objective`; the trainer meets the other ranks only at named `World` methods. A whole experiment
+`algorithms.rl_objective`; the trainer meets the other ranks only at named `World` methods. With
+`trainer.max_staleness` = k >= 1 the engine samples the batches of the next k steps while a step updates
+(`sampling_schedule` says which policy samples which batch; `SampledBatch` is one of them, kept in checkpoints). A whole experiment
 (run directory, distillation, evaluation, RL, summary) is `tinyrl.experiment.train(config)`.
 """
 
@@ -30,6 +32,7 @@ from tinyrl.evaluate import eval_metrics, evaluate_on_ranks
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout, stop_requests
 from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
+from tinyrl.preflight import STALENESS_UNDER_TORCHRUN
 from tinyrl.prompts import encode_prompts
 from tinyrl.records import RunRecords, start_run_dir
 from tinyrl.reward_report import RewardErrorLog, completion_metrics
@@ -187,9 +190,7 @@ class RLTrainer:
         self.pending: deque[SampledBatch] = deque()
         self.engine_start_version = 0  # the policy version the engine started from (a resumed run's step)
         if t.max_staleness and self.world.sharded:
-            raise ValueError("trainer.max_staleness: under torchrun each rank samples with a colocated engine, which "
-                             "cannot sample while its own rank updates; use trainer.max_staleness=0, or train in one "
-                             "process with the engine in its own process (rollout.layout=server)")
+            raise ValueError(STALENESS_UNDER_TORCHRUN)
         if t.max_staleness and not self.engine.overlaps_generation and self.world.is_main:
             log.warning("trainer.max_staleness=%d: %s samples in the training process and cannot overlap the "
                         "update, so this trains on stale batches for no gain in speed (use rollout.layout=server)",
@@ -396,7 +397,7 @@ class RLTrainer:
         gives each rank a contiguous block, sampled with seeds of the block's place in the round; so the
         ranks together generate, score and keep exactly what one process would.
         """
-        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.n
+        cfg, a = self.cfg, self.cfg.algorithm
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         target = len(self.world.share(cfg.trainer.prompts_per_step))
         found: list[tuple[int, list, list[float]]] = []
