@@ -7,14 +7,15 @@ next batch while the trainer updates; token-level TIS). Each side has one torch 
 process), arms alternate in rounds so that a drift in the machine's speed falls on both. Reported: median seconds
 per step over steps 2..N of every round, the sync step's phases, and what k=1 waited for.
 
-`learning`: the default run (`tinyrl-train seed=S threads=1`, distillation then 50 GRPO steps) against the same with
-`trainer.max_staleness=1 rollout.layout=server algorithm.rollout_correction.rollout_is=token`, each seed; held-out
-greedy accuracy on all 1,278 test problems after RL, and its standard error. The schedule of which policy samples
+`learning`: the default run (`tinyrl-train seed=S threads=1`, distillation then 50 GRPO steps; with `--model`, RL
+only, from that model) against the same with `trainer.max_staleness=1 rollout.layout=server
+algorithm.rollout_correction.rollout_is=token`, each seed; held-out greedy accuracy on all 1,278 test problems
+after RL, and its standard error. The schedule of which policy samples
 which batch does not depend on timing, so these figures do not depend on the machine's load.
 
 Usage:
     .venv/bin/python benchmarks/bench_async.py speed [--steps 6] [--rounds 2] [--model DIR] [--out DIR]
-    .venv/bin/python benchmarks/bench_async.py learning [--seeds 0 1 2] [--parallel] [--out DIR]
+    .venv/bin/python benchmarks/bench_async.py learning [--seeds 0 1 2] [--parallel] [--model DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def speed(args) -> None:
     results: dict[str, list[dict]] = {name: [] for name in arms}
     for round_ in range(args.rounds):
         for name, extra in arms.items():
-            run_dir = args.out / f"speed_{round_}_{name.split()[0]}_{time.time_ns()}"
+            run_dir = args.out / f"speed_{round_}_{'async' if extra else 'sync'}_{time.time_ns()}"
             results[name].append(run_arm(model, run_dir, args.steps, extra))
             print(f"round {round_} {name}: {[round(s, 2) for s in results[name][-1]['seconds']]}", flush=True)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} with {os.cpu_count()} "
@@ -99,8 +100,9 @@ def learning(args) -> None:
             run_dir = args.out / f"{arm}_seed{seed}"
             if (run_dir / "summary.json").exists():
                 continue
+            start = [f"model.path={args.model}", "sft.enabled=false"] if args.model else []
             command = [sys.executable, "-m", "tinyrl.train", f"seed={seed}", "threads=1", f"run_dir={run_dir}",
-                       "logging.progress=false", *extra]
+                       "logging.progress=false", *start, *extra]
             log = open(args.out / f"{arm}_seed{seed}.log", "w")
             procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
             if not args.parallel:
@@ -130,6 +132,8 @@ def main() -> None:
     p = sub.add_parser("learning")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", action="store_true", help="run every arm at once (accuracy does not depend on it)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="start RL from this model, no distillation (default: each run distils, as tinyrl-train does)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_async"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
