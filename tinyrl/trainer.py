@@ -820,7 +820,10 @@ class RLTrainer:
                     metrics = self.step()
                     step = self.step_count
                     if progress is not None:
-                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy")}
+                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy"),
+                                 # max_staleness >= 1: whether the overlap hides generation, and which side waits
+                                 "waited for engine s": metrics.get("time/wait_for_engine"),
+                                 "engine idle s": metrics.get("time/engine_idle")}
                         progress.update(step, {k: v for k, v in shown.items() if v is not None})
                         if self.last_evaluation is not None:
                             progress.note(held_out_line(f"at RL step {step}", self.last_evaluation))
