@@ -39,9 +39,10 @@ class HFProcessEngine(RolloutEngine):
     environment_feedback = False  # the task's environment lives in the trainer's process
 
     def __init__(self, model, tokenizer, batch_size: int = 512, threads: int | None = None,
-                 timeout_s: float = 1800.0):
+                 timeout_s: float = 1800.0, start_timeout_s: float = 600.0):
         """`threads`: torch threads in the worker (default: the trainer's count at start); `timeout_s`: how long to
-        wait for the worker to start, and for a generation when it is called through `generate`."""
+        wait for a generation called through `generate`; `start_timeout_s`: for the worker to start (a fresh
+        interpreter importing torch: seconds on an idle machine, more on a loaded one)."""
         import torch
 
         self.timeout_s = timeout_s
@@ -61,7 +62,7 @@ class HFProcessEngine(RolloutEngine):
         self._results: dict[int, tuple] = {}
         self._submitted = 0
         self._failure: str | None = None
-        self._await(lambda: "ready" in self._results, timeout_s, "starting the rollout engine process")
+        self._await(lambda: "ready" in self._results, start_timeout_s, "starting the rollout engine process")
 
     @property
     def pid(self) -> int | None:
@@ -125,8 +126,9 @@ class HFProcessEngine(RolloutEngine):
                 raise EngineFailed(f"the rollout engine process failed: {self._failure}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise EngineFailed(f"{what} did not finish within {timeout_s:g} s (rollout.timeout_s); the rollout "
-                                   f"engine process (pid {self.pid}) is hung or too slow")
+                limit = "" if what.startswith("starting") else " (rollout.timeout_s)"
+                raise EngineFailed(f"{what} did not finish within {timeout_s:g} s{limit}; the rollout engine process "
+                                   f"(pid {self.pid}) is hung or too slow")
             if self._conn.poll(min(POLL_S, left)):
                 try:
                     self._receive(self._conn.recv())
