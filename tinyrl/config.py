@@ -392,7 +392,7 @@ def _validate_staleness(cfg: TrainConfig) -> None:
     c = a.rollout_correction
     _check(c.rollout_is is not None or c.rollout_rs is not None, "trainer.max_staleness",
            f"{k} trains on batches sampled by older policies; correct the gap with "
-           f"algorithm.rollout_correction.rollout_is=token (or sequence, or rollout_rs=sequence)")
+           f"algorithm.rollout_correction.rollout_is=token (and/or rollout_rs=sequence)")
     _check(not a.dynamic_sampling, "trainer.max_staleness",
            "dynamic sampling (algorithm.dynamic_sampling) runs its extra rounds in series; use max_staleness=0 with it")
 
