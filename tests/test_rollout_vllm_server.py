@@ -58,6 +58,52 @@ def test_server_seeded_sampling_repeats_and_keeps_stop_strings(served):
     assert hit.token_ids == target.token_ids[: len(hit.token_ids)]
 
 
+def test_submitted_generations_are_sampled_by_the_weights_loaded_before_their_submit(served):
+    """The server engine overlaps (trainer.max_staleness): a submit returns at once, and a weight load queued right
+    after it waits for that generation, so the first batch is the old policy's and the next the new one's."""
+    import torch
+
+    from tinyrl.rollout import make_engine, policy_named_tensors
+
+    model, tokenizer, engine = served
+    assert engine.overlaps_generation
+    prompts, greedy = prompts_of(tokenizer), SamplingConfig(12, temperature=0.0)
+    hf = make_engine("hf", model, tokenizer)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_old = [c.token_ids for c in hf.generate(prompts, greedy)]
+    try:
+        old = engine.submit(prompts, greedy)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+        engine.load_weights(policy_named_tensors(model))
+        new = engine.submit(prompts, greedy)
+        expected_new = [c.token_ids for c in hf.generate(prompts, greedy)]
+        assert [c.token_ids for c in old.result(120)] == expected_old
+        assert [c.token_ids for c in new.result(120)] == expected_new != expected_old
+    finally:
+        model.load_state_dict(original)
+        engine.load_weights(policy_named_tensors(model))
+
+
+def test_grpo_one_step_off_against_a_running_server(served, tiny_model_dir, tmp_path):
+    _, _, engine = served
+    run = tmp_path / "run"
+    train(load_config([
+        f"model.path={tiny_model_dir}", f"run_dir={run}", f"task.name={TASK}", "task=custom", "task.train_size=32",
+        "task.eval_size=4", "task.reward_workers=0", "sft.enabled=false", "rollout=vllm", "rollout.layout=server",
+        f"rollout.server_url={engine.url}", "rollout.n=4", "rollout.max_response_tokens=8",
+        "rollout.max_prompt_tokens=64", "trainer.steps=3", "trainer.prompts_per_step=4",
+        "trainer.prompts_per_mini_batch=4", "trainer.lr=3e-2", "trainer.samples_every=0", "logging.progress=false",
+        "logging.plot=false", "threads=1", "trainer.max_staleness=1", "algorithm.rollout_correction.rollout_is=token",
+    ]))
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "async/staleness" in r]
+    assert [r["async/sampler_version"] for r in steps] == [0, 0, 1]
+    assert [r["async/staleness"] for r in steps] == [0, 1, 1]
+    assert steps[0]["rollout/mismatch_kl"] < 1e-4 < steps[1]["rollout/mismatch_kl"]  # the stale batch shows its age
+
+
 def test_grpo_steps_against_a_running_server(served, tiny_model_dir, tmp_path):
     _, _, engine = served
     run = tmp_path / "run"

@@ -30,7 +30,7 @@ CONFIG_ERROR_STATUS = 2
 def _reported(prog: str) -> Iterator[None]:
     """A ConfigError or a TaskError (a task or its data that cannot work) becomes one line and exit status 2;
     Ctrl-C or SIGTERM says what was kept, status 130; a run stopped because its rewards kept failing, status 1 (its
-    errors were printed as they happened)."""
+    errors were printed as they happened) or its rollout engine died or hung, one line and status 1."""
     try:
         yield
     except ConfigError as err:
@@ -44,11 +44,21 @@ def _reported(prog: str) -> Iterator[None]:
         sys.exit(130)
     except Exception as err:
         from tinyrl.reward_report import RewardsFailed  # imports torch: only once a run has started
+        from tinyrl.rollout import EngineFailed
 
         if isinstance(err, RewardsFailed):  # the errors themselves were printed as they happened
             print(f"{prog}: {err}", file=sys.stderr)
             sys.exit(1)
+        if any(isinstance(e, EngineFailed) for e in _causes(err)):  # a dead or hung engine: what and where, no trace
+            print(f"{prog}: {err}", file=sys.stderr)
+            sys.exit(1)
         raise
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    while err is not None:
+        yield err
+        err = err.__cause__
 
 
 def _dispatch(prog: str, hydra_app: Callable[[], object], run: Callable[[Sequence[str]], object],

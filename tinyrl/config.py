@@ -101,7 +101,9 @@ class RolloutConfig:
     batch_size: int = 512  # hf engine: sequences decoded together
     timeout_s: float = 1800.0  # generation or weight sync taking longer raises instead of hanging
     # vllm engine; the engine options carry vLLM's own names (see conf/rollout/vllm.yaml)
-    layout: str = "colocated"  # colocated: vLLM inside each training process | server: a separate vLLM server
+    # colocated: the engine inside each training process | server: a process of its own (a vLLM server, or for hf the
+    # transformers engine in a worker process), which can sample while the trainer updates (trainer.max_staleness)
+    layout: str = "colocated"
     gpu_memory_utilization: float = 0.5  # share of the GPU vLLM may take (weights + KV cache)
     tensor_parallel_size: int = 1
     max_model_len: Optional[int] = None  # null: max_prompt_tokens + max_response_tokens
@@ -170,6 +172,9 @@ class TrainerConfig:
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive optimizer updates with a non-finite loss or gradient before the run stops
     samples_every: int = 10  # write example completions every N steps (0: never)
+    # k >= 1: the engine samples the next k batches while the trainer updates on this one, so a batch is trained on
+    # by a policy up to k updates newer than the one that sampled it (needs algorithm.rollout_correction); 0: in series
+    max_staleness: int = 0
 
 
 @dataclass
@@ -315,6 +320,7 @@ def validate(cfg: TrainConfig) -> None:
         ("trainer.warmup_steps", t.warmup_steps),
         ("trainer.eval_pass_k", t.eval_pass_k),
         ("trainer.samples_every", t.samples_every),
+        ("trainer.max_staleness", t.max_staleness),
         ("task.reward_workers", cfg.task.reward_workers),
         ("sft.steps", s.steps),
         ("sft.save_every", s.save_every),
@@ -369,6 +375,7 @@ def validate(cfg: TrainConfig) -> None:
             f"hidden_size / num_heads must be an integer >= 32 (got {tiny.hidden_size} / {tiny.num_heads})",
         )
     _validate_logging(cfg.logging)
+    _validate_staleness(cfg)
     _validate_algorithm(a, r)  # last: it imports torch, so the checks above answer without it
 
 
@@ -419,6 +426,18 @@ def _validate_rollout(r: RolloutConfig) -> None:
     _check(r.kv_cache_memory_bytes is None or r.kv_cache_memory_bytes > 0, "rollout.kv_cache_memory_bytes",
            f"must be null or > 0, got {r.kv_cache_memory_bytes}")
     _check(r.weight_sync in ("disk", "nccl"), "rollout.weight_sync", f"must be disk or nccl, got {r.weight_sync!r}")
+
+
+def _validate_staleness(cfg: TrainConfig) -> None:
+    k, a = cfg.trainer.max_staleness, cfg.algorithm
+    if k == 0:
+        return
+    c = a.rollout_correction
+    _check(c.rollout_is is not None or c.rollout_rs is not None, "trainer.max_staleness",
+           f"{k} trains on batches sampled by older policies; correct the gap with "
+           f"algorithm.rollout_correction.rollout_is=token (and/or rollout_rs=sequence)")
+    _check(not a.dynamic_sampling, "trainer.max_staleness",
+           "dynamic sampling (algorithm.dynamic_sampling) runs its extra rounds in series; use max_staleness=0 with it")
 
 
 def _validate_logging(log: LoggingConfig) -> None:

@@ -123,9 +123,16 @@ def check_fits_device(cfg: TrainConfig) -> None:
     )
 
 
+STALENESS_UNDER_TORCHRUN = (
+    "trainer.max_staleness: under torchrun each rank samples with a colocated engine, which cannot sample while its "
+    "own rank updates; use trainer.max_staleness=0, or train in one process with the engine in its own process "
+    "(rollout.layout=server)")
+
+
 def check_engine_fits_launch(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Under torchrun each training rank generates its own share of the prompts; the engine's row says what of its
-    layout cannot (`EngineSpec.launch_problem`: a vLLM server, or tensor parallelism). `world_size` defaults to
+    layout cannot (`EngineSpec.launch_problem`: a vLLM server, or tensor parallelism), and asynchronous rollouts
+    (`trainer.max_staleness`) are refused, since a rank's engine cannot sample while that rank updates. `world_size` defaults to
     torchrun's (`WORLD_SIZE`; 1 without torchrun)."""
     from tinyrl.rollout import engine_spec
 
@@ -135,6 +142,8 @@ def check_engine_fits_launch(cfg: TrainConfig, world_size: int | None = None) ->
     problem = check(cfg.rollout, world_size) if check is not None and world_size > 1 else None
     if problem is not None:
         raise ConfigError(problem)
+    if world_size > 1 and cfg.trainer.max_staleness:
+        raise ConfigError(STALENESS_UNDER_TORCHRUN)
 
 
 def check_engine_placement(cfg: TrainConfig) -> None:

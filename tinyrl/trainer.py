@@ -3,7 +3,9 @@
 `RLTrainer.step()` is one RL step, written top to bottom in the order of DESIGN.md ("One training step"), and
 its records (a `metrics.jsonl` row, samples, a scheduled held-out evaluation); `RLTrainer.fit()` runs steps with
 checkpoints and stop signals; `close()` ends the records (`curves.png`). The loss of each micro-batch is
-`algorithms.rl_objective`; the trainer meets the other ranks only at named `World` methods. A whole experiment
+`algorithms.rl_objective`; the trainer meets the other ranks only at named `World` methods. With
+`trainer.max_staleness` = k >= 1 the engine samples the batches of the next k steps while a step updates
+(`sampling_schedule` says which policy samples which batch; `SampledBatch` is one of them, kept in checkpoints). A whole experiment
 (run directory, distillation, evaluation, RL, summary) is `tinyrl.experiment.train(config)`.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,11 +33,12 @@ from tinyrl.evaluate import eval_metrics, evaluate_on_ranks
 from tinyrl.monitor import NonFiniteGuard, PhaseTimer, call_with_timeout, stop_requests
 from tinyrl.packing import layout_for, plan_micro_batches
 from tinyrl.policy_ops import autocast_for, batched_logprobs, batched_values, token_logprobs, token_values
+from tinyrl.preflight import STALENESS_UNDER_TORCHRUN
 from tinyrl.prompts import encode_prompts
 from tinyrl.records import RunRecords, start_run_dir
 from tinyrl.reward_report import RewardErrorLog, completion_metrics
 from tinyrl.reward_workers import scorer_from_config
-from tinyrl.rollout import RolloutEngine, SamplingConfig, engine_options, make_engine
+from tinyrl.rollout import Completion, PendingGeneration, RolloutEngine, SamplingConfig, engine_options, make_engine
 from tinyrl.rundir import default_run_dir, resuming
 from tinyrl.sampler import PromptSampler
 from tinyrl.task import complete_task, get_task
@@ -66,6 +71,35 @@ class Group(NamedTuple):
     members: list
     shaped: list[float]
     id: int
+
+
+@dataclass
+class SampledBatch:
+    """A step's prompts, sampled ahead of the update that trains on them (`trainer.max_staleness` >= 1): `step`
+    trains on it; `version` is the policy that sampled it (the number of updates applied before its submit)."""
+
+    step: int
+    version: int
+    indices: list[int]
+    generation: PendingGeneration
+
+    def state(self, timeout_s: float) -> dict:
+        """What a checkpoint keeps of it: the completions (waited for) and who sampled them."""
+        completions = self.generation.result(timeout_s)
+        return {"step": self.step, "version": self.version, "indices": self.indices,
+                "completions": [asdict(c) for c in completions]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SampledBatch":
+        completions = [Completion(**c) for c in state["completions"]]
+        return cls(state["step"], state["version"], state["indices"], PendingGeneration.finished(completions))
+
+
+def sampling_schedule(step: int, max_staleness: int) -> int:
+    """The policy version that samples step `step`'s batch: max(0, step - 1 - k). Synchronous (k = 0): the policy
+    of the previous update; with k >= 1 the engine runs k batches ahead, so steps 1..k+1 are sampled by the initial
+    policy and every later batch is exactly k updates stale when trained on (one-step-off for k = 1)."""
+    return max(0, step - 1 - max_staleness)
 
 
 class RLTrainer:
@@ -166,6 +200,15 @@ class RLTrainer:
         self.last_evaluation: dict | None = None  # the held-out evaluation of the latest step, if it had one
         self.reward_errors = RewardErrorLog(self.records.own_file("reward_errors.jsonl"))  # each rank keeps its own
         self.scorer = scorer_from_config(task, cfg.task, on_errors=self.reward_errors)
+        # trainer.max_staleness >= 1: batches submitted to the engine ahead of the step that trains on them
+        self.pending: deque[SampledBatch] = deque()
+        self.engine_start_version = 0  # the policy version the engine started from (a resumed run's step)
+        if t.max_staleness and self.world.sharded:
+            raise ValueError(STALENESS_UNDER_TORCHRUN)
+        if t.max_staleness and not self.engine.overlaps_generation and self.world.is_main:
+            log.warning("trainer.max_staleness=%d: %s samples in the training process and cannot overlap the "
+                        "update, so this trains on stale batches for no gain in speed (use rollout.layout=server)",
+                        t.max_staleness, type(self.engine).__name__)
 
     @classmethod
     def from_config(
@@ -261,8 +304,16 @@ class RLTrainer:
         cfg, a, step = self.cfg, self.cfg.algorithm, self.step_count + 1
         metrics: dict[str, float] = {}
 
-        # 1-4. sample prompts, generate n completions each, score them (DAPO dynamic sampling may add rounds)
-        groups, scored = self._collect_groups(step)
+        # 1-4. sample prompts, generate n completions each, score them (DAPO dynamic sampling may add rounds); with
+        # trainer.max_staleness = k >= 1 the engine sampled this batch earlier and is sampling the next k meanwhile
+        staleness = 0
+        if cfg.trainer.max_staleness:
+            groups, scored, sampled = self._collect_sampled_groups(step)
+            staleness = self.step_count - sampled.version
+            metrics.update({"async/staleness": float(staleness), "async/sampler_version": float(sampled.version),
+                            "time/engine_idle": sampled.generation.engine_idle_s})
+        else:
+            groups, scored = self._collect_groups(step)
         num_groups = int(self.world.sum(len(groups)))  # on every rank together
         outcomes = self.world.concat([(reward, len(c.token_ids), c.finish_reason) for _, c, reward in scored])
         limit = cfg.task.reward_error_limit
@@ -288,9 +339,11 @@ class RLTrainer:
         t = cfg.trainer
         on_policy = t.ppo_epochs == 1 and t.prompts_per_mini_batch >= num_groups
         temperature = cfg.rollout.temperature
+        # a stale batch's KL-shaped reward needs pi_old, not the older sampler's log-probs
+        needs_old = not on_policy or (staleness > 0 and a.kl_in_reward and self.reference is not None)
         with self.timer.phase("old_logprobs", step):
-            if not on_policy:
-                if self._rollout_logprobs_are_exact():
+            if needs_old:
+                if staleness == 0 and self._rollout_logprobs_are_exact():
                     batch.old_logprobs = batch.rollout_logprobs
                 else:
                     with self.world.gathered(self.policy):
@@ -360,7 +413,7 @@ class RLTrainer:
         gives each rank a contiguous block, sampled with seeds of the block's place in the round; so the
         ranks together generate, score and keep exactly what one process would.
         """
-        cfg, a, n = self.cfg, self.cfg.algorithm, self.cfg.rollout.n
+        cfg, a = self.cfg, self.cfg.algorithm
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         target = len(self.world.share(cfg.trainer.prompts_per_step))
         found: list[tuple[int, list, list[float]]] = []
@@ -379,23 +432,7 @@ class RLTrainer:
                     with self.timer.phase("generate", step):
                         prompts = [self.train_prompts[i] for i in indices]
                         completions = self._generate(prompts, step_seed(cfg.seed, step, round_), offset)
-                    with self.timer.phase("score", step):
-                        rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
-                        rewards = self.scorer.score(
-                            [c.text for c in completions], rows, [c.token_ids for c in completions]
-                        )
-                    shaped = self._shaped_scores(completions, rewards)
-                    if a.dynamic_sampling:  # DAPO keeps only the groups whose rewards differ
-                        group_of = [i // n for i in range(len(shaped))]
-                        varied = algorithms.groups_with_reward_variance(torch.tensor(shaped, dtype=torch.float64),
-                                                                        group_of).tolist()
-                    for g, index in enumerate(indices):
-                        members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
-                        scored.extend((index, c, r) for c, r in members)
-                        if a.dynamic_sampling and not varied[g * n]:
-                            continue
-                        found.append((index, members, shaped[g * n : (g + 1) * n]))
-                        kept += 1
+                    kept = self._score_groups(step, indices, completions, found, scored)
                 kept_per_round.append(kept)
         # A group's id is its place among all ranks' kept groups, round by round, rank block by rank block.
         ids = self.world.positions(kept_per_round)
@@ -414,13 +451,70 @@ class RLTrainer:
         with self.world.gathered(self.policy), adapters_disabled(self.policy):
             yield self.policy
 
+    def _score_groups(self, step: int, indices: list[int], completions: list, found: list, scored: list) -> int:
+        """Score one round's completions; add every (index, completion, reward) to `scored` and the groups kept
+        (all of them, or those whose rewards differ under dynamic sampling) to `found`. Returns how many were kept."""
+        a, n = self.cfg.algorithm, self.cfg.rollout.n
+        with self.timer.phase("score", step):
+            rows = [self.train_rows[indices[c.prompt_index]] for c in completions]
+            rewards = self.scorer.score([c.text for c in completions], rows, [c.token_ids for c in completions])
+        shaped = self._shaped_scores(completions, rewards)
+        if a.dynamic_sampling:  # DAPO keeps only the groups whose rewards differ
+            group_of = [i // n for i in range(len(shaped))]
+            varied = algorithms.groups_with_reward_variance(torch.tensor(shaped, dtype=torch.float64),
+                                                            group_of).tolist()
+        kept = 0
+        for g, index in enumerate(indices):
+            members = list(zip(completions[g * n : (g + 1) * n], rewards[g * n : (g + 1) * n]))
+            scored.extend((index, c, r) for c, r in members)
+            if a.dynamic_sampling and not varied[g * n]:
+                continue
+            found.append((index, members, shaped[g * n : (g + 1) * n]))
+            kept += 1
+        return kept
+
+    def _collect_sampled_groups(self, step: int) -> tuple[list[Group], list, SampledBatch]:
+        """`trainer.max_staleness` = k >= 1 (one process): keep the batches of steps `step`..`step + k` submitted
+        to the engine, the new ones sampled by the current policy (`sampling_schedule`), then wait for this
+        step's batch and score it. Generations and weight loads reach the engine in order, so which policy samples
+        which batch does not depend on timing."""
+        cfg = self.cfg
+        self.reward_errors.where = f"step {step}"
+        with self.timer.phase("generate", step), self.world.gathered(*self._sampling_models()):
+            while len(self.pending) <= cfg.trainer.max_staleness and step + len(self.pending) <= cfg.trainer.steps:
+                ahead = step + len(self.pending)
+                indices = self.sampler.take(cfg.trainer.prompts_per_step)
+                generation = self.engine.submit([self.train_prompts[i] for i in indices],
+                                                self._sampling(step_seed(cfg.seed, ahead, 0)))
+                self.pending.append(SampledBatch(ahead, self.step_count, indices, generation))
+        sampled = self.pending.popleft()
+        if sampled.step != step or sampled.version != sampling_schedule(step, cfg.trainer.max_staleness):
+            raise RuntimeError(f"step {step} found the batch of step {sampled.step} sampled by policy "
+                               f"{sampled.version}; the sampling schedule is broken")
+        with self.timer.phase("wait_for_engine", step):
+            completions = sampled.generation.result(cfg.rollout.timeout_s)
+        loads = sampled.generation.weight_loads
+        if loads is not None and self.engine_start_version + loads != sampled.version:
+            raise RuntimeError(f"step {step}: the engine sampled with policy {self.engine_start_version + loads}, "
+                               f"the schedule says {sampled.version}; weight loads and generations were reordered")
+        found: list = []
+        scored: list = []
+        kept = self._score_groups(step, sampled.indices, completions, found, scored)
+        groups = [Group(index, members, shaped, id_) for (index, members, shaped), id_ in zip(found, range(kept))]
+        return groups, scored, sampled
+
     def _sampling_models(self) -> list:
         """The models the rollout engine runs itself: the policy, when the engine samples from it directly."""
         return [self.policy] if self.engine.shares_policy_weights else []
 
     def _generate(self, prompts, seed: int, prompt_offset: int = 0):
+        sampling = self._sampling(seed, prompt_offset)
+        return call_with_timeout(self.engine.generate, self.cfg.rollout.timeout_s, "rollout generation", prompts,
+                                 sampling)
+
+    def _sampling(self, seed: int, prompt_offset: int = 0) -> SamplingConfig:
         r = self.cfg.rollout
-        sampling = SamplingConfig(
+        return SamplingConfig(
             max_new_tokens=r.max_response_tokens,
             n=r.n,
             temperature=r.temperature,
@@ -431,7 +525,6 @@ class RLTrainer:
             prompt_offset=prompt_offset,
             feedback=getattr(self.task, "feedback", None),
         )
-        return call_with_timeout(self.engine.generate, r.timeout_s, "rollout generation", prompts, sampling)
 
     def _sync_weights(self, step: int) -> None:
         """Make the engine sample from the updated policy: nothing to copy when it samples from the policy itself,
@@ -705,6 +798,9 @@ class RLTrainer:
             "world_size": self.world.size,
             "metrics_offset": self.metrics.offset(),
             "extra": self.extra_state,
+            # batches sampled for later steps (trainer.max_staleness), waited for: a resumed run trains on them
+            "pending": [sampled.state(self.cfg.rollout.timeout_s) for sampled in self.pending],
+            "max_staleness": self.cfg.trainer.max_staleness,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -714,6 +810,12 @@ class RLTrainer:
         self.guard.load_state_dict(state["guard"])
         self.world.restore_rng_states(state.get("rng_by_rank"), state["rng"])
         self.extra_state = state.get("extra", {})
+        pending, k = state.get("pending", []), state.get("max_staleness", 0)
+        if pending and k != self.cfg.trainer.max_staleness:
+            raise ValueError(f"trainer.max_staleness: the checkpoint holds {len(pending)} batch(es) sampled ahead with "
+                             f"max_staleness={k}; resume with trainer.max_staleness={k}")
+        self.pending = deque(SampledBatch.from_state(sampled) for sampled in pending)
+        self.engine_start_version = self.step_count  # the engine was started from this checkpoint's weights
         if "optimizer" in state:  # checkpoints written before optimizer state moved to optimizer/
             self.optimizer.load_state_dict(state["optimizer"])
             if self.critic is not None:
@@ -779,7 +881,10 @@ class RLTrainer:
                     metrics = self.step()
                     step = self.step_count
                     if progress is not None:
-                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy")}
+                        shown = {"train reward": metrics.get("reward/mean"), "train acc": metrics.get("reward/accuracy"),
+                                 # max_staleness >= 1: whether the overlap hides generation, and which side waits
+                                 "waited for engine s": metrics.get("time/wait_for_engine"),
+                                 "engine idle s": metrics.get("time/engine_idle")}
                         progress.update(step, {k: v for k, v in shown.items() if v is not None})
                         if self.last_evaluation is not None:
                             progress.note(held_out_line(f"at RL step {step}", self.last_evaluation))

@@ -74,8 +74,8 @@ def rollout_correction_weights(
     tokens) lies outside [C_low, C_high] gets w = 0 on every token; C_high = `rollout_rs_threshold` (default C),
     C_low = `rollout_rs_threshold_lower` (default 1 / C_high). Weights are detached, 0 outside the mask, and
     multiply the per-token loss before aggregation (`policy_loss(..., token_weights=w)`). Returns `(w, metrics)`
-    with `is_truncated_frac` (tokens whose ratio was capped) and `rs_masked_frac` (sequences rejected, among
-    those with response tokens).
+    with `is_truncated_frac` (tokens whose ratio was capped), `rs_masked_frac` (sequences rejected, among
+    those with response tokens) and `weight_mean` (the mean weight over response tokens).
     """
     if rollout_is not in ROLLOUT_IS_LEVELS:
         raise ValueError(f"rollout_is must be one of {ROLLOUT_IS_LEVELS}, got {rollout_is!r}")
@@ -87,7 +87,7 @@ def rollout_correction_weights(
     log_ratio = rollout_log_ratio(old_logprobs, rollout_logprobs, mask)
     dtype = old_logprobs.dtype if old_logprobs.is_floating_point() else torch.float32
     weights = mask.to(torch.float64)
-    metrics = {"is_truncated_frac": 0.0, "rs_masked_frac": 0.0}
+    metrics = {"is_truncated_frac": 0.0, "rs_masked_frac": 0.0, "weight_mean": 1.0}
     if rollout_is == "token":
         ratio = torch.exp(log_ratio)
         weights = torch.where(mask, ratio.clamp(max=rollout_is_threshold), 0.0)
@@ -106,4 +106,6 @@ def rollout_correction_weights(
         rows = mask.any(-1)
         if bool(rows.any()):
             metrics["rs_masked_frac"] = float((~keep[rows]).double().mean())
+    if bool(mask.any()):
+        metrics["weight_mean"] = float(weights[mask].mean())
     return weights.to(dtype).detach(), metrics

@@ -2,6 +2,7 @@
 
 Every engine is a `RolloutEngine` (base.py: `generate`, weight updates, and the optional abilities with their
 defaults). `hf.HFEngine` runs anywhere transformers runs (CPU, tests) and samples from the training model itself;
+`hf_process.HFProcessEngine` runs it in a worker process of its own (server layout: sampling overlaps training);
 `vllm.VLLMEngine` runs vLLM inside the training process (colocated layout) and `vllm_server.VLLMServerEngine`
 generates on a separate vLLM server (server layout).
 
@@ -20,11 +21,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig, policy_named_tensors
+from tinyrl.rollout.base import Completion, EngineFailed, PendingGeneration, RolloutEngine, SamplingConfig, policy_named_tensors
 from tinyrl.task import load_object
 
 __all__ = [
-    "ENGINES", "Completion", "EngineMemory", "EngineSpec", "RolloutEngine", "SamplingConfig", "engine_class", "engine_options",
+    "ENGINES", "Completion", "EngineFailed", "EngineMemory", "EngineSpec", "PendingGeneration", "RolloutEngine", "SamplingConfig", "engine_class", "engine_options",
     "engine_spec", "make_engine", "policy_named_tensors", "register_engine",
 ]
 
@@ -77,7 +78,16 @@ class EngineMemory:
 
 # ---------------------------------------------------------------------------------------------------- transformers
 def _hf_options(rollout, **trainer) -> dict:
+    if rollout.layout == "server":  # in a worker process of its own (hf_process.py)
+        return {"batch_size": rollout.batch_size, "timeout_s": rollout.timeout_s}
     return {"batch_size": rollout.batch_size}
+
+
+def _hf_launch_problem(rollout, world_size: int) -> str | None:
+    if rollout.layout == "server":
+        return ("rollout.layout: the transformers engine in its own process takes the weights of one training "
+                "process; under torchrun use rollout.layout=colocated or train in one process")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- vLLM
@@ -172,7 +182,8 @@ def _vllm_gpu_memory(rollout, gpu_gb: float, policy_parameters: int) -> EngineMe
 
 # ---------------------------------------------------------------------------------------------------- the table
 ENGINES: dict[str, EngineSpec] = {
-    "hf": EngineSpec({"colocated": "tinyrl.rollout.hf:HFEngine"}, _hf_options),
+    "hf": EngineSpec({"colocated": "tinyrl.rollout.hf:HFEngine", "server": "tinyrl.rollout.hf_process:HFProcessEngine"},
+                     _hf_options, launch_problem=_hf_launch_problem),
     "vllm": EngineSpec(
         {"colocated": "tinyrl.rollout.vllm:VLLMEngine", "server": "tinyrl.rollout.vllm_server:VLLMServerEngine"},
         _vllm_options,

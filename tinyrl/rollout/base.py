@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +66,14 @@ class RolloutEngine:
     - `sleep()`: free device memory until the next weight load (does nothing by default);
     - `rebuild(named_tensors)`: start again from these weights after a failed load (by default it cannot, and a
       failed load stops the run; `can_rebuild` says whether an engine overrides it);
-    - `close()`: release processes and memory at the end of a run (does nothing by default);
+    - `submit(prompts, sampling)`: start a generation and return a `PendingGeneration` at once, so the trainer can
+      update while the engine samples (`trainer.max_staleness`). Generations and weight loads take effect in the
+      order they were called: a submitted batch is sampled by the weights loaded before its `submit`. By default
+      `submit` generates before it returns (no overlap, same numbers); `overlaps_generation` says whether an
+      engine overrides it;
     - `load_adapter(version, adapter)`: sample from the base weights plus this LoRA adapter from now on
-      (`model.lora.weight_sync=adapter`; by default an engine cannot, and the config is refused at start).
+      (`model.lora.weight_sync=adapter`; by default an engine cannot, and the config is refused at start);
+    - `close()`: release processes and memory at the end of a run (does nothing by default).
 
     A new engine is one file with a subclass, plus a row in `tinyrl.rollout.ENGINES` (or `register_engine`, or
     `rollout.engine=path/to/file.py:Class`, which builds `Class(model, tokenizer)`).
@@ -109,8 +114,50 @@ class RolloutEngine:
     def can_rebuild(self) -> bool:
         return type(self).rebuild is not RolloutEngine.rebuild
 
+    def submit(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> "PendingGeneration":
+        """Start generating with the weights of this moment; `PendingGeneration.result` gives the completions.
+        By default the generation runs now, before `submit` returns."""
+        return PendingGeneration.finished(self.generate(prompt_token_ids, sampling))
+
+    @property
+    def overlaps_generation(self) -> bool:
+        return type(self).submit is not RolloutEngine.submit
+
     def close(self) -> None:
         """Release what the engine holds (processes, device memory)."""
+
+
+class EngineFailed(RuntimeError):
+    """The rollout engine died, hung past `rollout.timeout_s` or reported an error; the run cannot go on (the
+    command line prints the message as one line)."""
+
+
+class PendingGeneration:
+    """A generation started by `RolloutEngine.submit`. `result(timeout_s)` waits for its completions (an engine
+    that overlaps raises when its worker dies or the wait exceeds `timeout_s`); `engine_idle_s` is how long the
+    engine sat idle, waiting for weights or work, before it started this generation (0 when it never waited);
+    `weight_loads` how many weight loads the engine had applied when it started it (None: it does not say)."""
+
+    def __init__(self, wait: Callable[[float], list[Completion]]):
+        self._wait = wait
+        self._completions: list[Completion] | None = None
+        self.engine_idle_s = 0.0
+        self.weight_loads: int | None = None
+
+    @classmethod
+    def finished(cls, completions: list[Completion]) -> "PendingGeneration":
+        pending = cls(lambda timeout_s: completions)
+        pending._completions = completions
+        return pending
+
+    @property
+    def done(self) -> bool:
+        return self._completions is not None
+
+    def result(self, timeout_s: float) -> list[Completion]:
+        if self._completions is None:
+            self._completions = self._wait(timeout_s)
+        return self._completions
 
 
 @contextmanager

@@ -30,7 +30,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from tinyrl import devices
-from tinyrl.rollout.base import Completion, RolloutEngine, SamplingConfig
+from tinyrl.rollout.base import Completion, EngineFailed, PendingGeneration, RolloutEngine, SamplingConfig
 from tinyrl.rollout.vllm import CPU_KV_CACHE_BYTES, FINISH_REASONS, WORKER_EXTENSION, _write_safetensors, completion_seed
 
 log = logging.getLogger("tinyrl")
@@ -155,6 +156,9 @@ class VLLMServerEngine(RolloutEngine):
         self._process: subprocess.Popen | None = None
         self._sender: NCCLWeightSender | None = None
         self._launch = None
+        # submitted generations run here, one at a time, while the trainer updates (the server does the work)
+        self._generations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyrl-vllm-submit")
+        self._in_flight: list[Future] = []
         dtype = engine_options.get("dtype", "auto")
         self._weights_dtype = None if dtype == "auto" else getattr(torch, dtype)
         self._layout = weight_layout(model, self._weights_dtype)
@@ -212,6 +216,7 @@ class VLLMServerEngine(RolloutEngine):
 
     def close(self) -> None:
         """Stop the server this engine started (a server it connected to keeps running); delete private files."""
+        self._generations.shutdown(wait=False, cancel_futures=True)
         self._stop()
         shutil.rmtree(self._work_dir, ignore_errors=True)
 
@@ -285,6 +290,39 @@ class VLLMServerEngine(RolloutEngine):
                 completions.append(self._completion(i, j, choice))
         return completions
 
+    def submit(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> PendingGeneration:
+        """Generate in a background thread of this process: the server samples while the trainer updates. A weight
+        load waits for the generations submitted before it (`_finish_generations`), so each is sampled by the
+        weights of its submit."""
+        self._check_usable()
+        future = self._generations.submit(self.generate, [list(p) for p in prompt_token_ids], sampling)
+        self._in_flight = [f for f in self._in_flight if not f.done()] + [future]
+
+        def wait(timeout_s: float) -> list[Completion]:
+            try:
+                return future.result(timeout=timeout_s)
+            except FutureTimeout:
+                raise EngineFailed(f"rollout generation did not finish within {timeout_s:g} s (rollout.timeout_s); "
+                                   f"the vLLM server at {self.url} is hung or too slow") from None
+            except Exception as err:
+                raise EngineFailed(f"the vLLM server at {self.url} failed to generate: {type(err).__name__}: "
+                                   f"{err}") from err
+
+        return PendingGeneration(wait)
+
+    def _finish_generations(self) -> None:
+        """Wait until the submitted generations are done (their errors are raised where their results are read)."""
+        for future in self._in_flight:
+            try:
+                future.result(timeout=self.timeout_s)
+            except FutureTimeout:
+                raise EngineFailed(f"a rollout generation did not finish within {self.timeout_s:g} s "
+                                   f"(rollout.timeout_s) before a weight load; the vLLM server at {self.url} is hung "
+                                   f"or too slow") from None
+            except Exception:
+                pass
+        self._in_flight = []
+
     def _completion(self, i: int, j: int, choice: dict) -> Completion:
         token_ids = list(choice["token_ids"])
         logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
@@ -304,8 +342,10 @@ class VLLMServerEngine(RolloutEngine):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send `(hf_name, tensor)` pairs to the server (see the module docstring), then reset its prefix cache.
-        A failure marks the engine unusable: the server may hold half-loaded weights."""
+        A failure marks the engine unusable: the server may hold half-loaded weights. Generations submitted before
+        it finish first."""
         self._check_usable()
+        self._finish_generations()
         try:
             if self.weight_sync == "disk":
                 directory = self._work_dir / "weights"
@@ -333,6 +373,7 @@ class VLLMServerEngine(RolloutEngine):
         """Restart a server this engine started, on `named_tensors` (after a failed weight load)."""
         if self._launch is None:
             raise RuntimeError(f"the vLLM server at {self.url} was started elsewhere; restart it by hand")
+        self._finish_generations()
         self._stop()
         model_dir = self._model_dir
         for old in model_dir.glob("*.safetensors"):
