@@ -25,7 +25,7 @@ import torch
 from tinyrl import algorithms
 from tinyrl.batch import RolloutBatch, build_batch
 from tinyrl.checkpoint import capture_rng
-from tinyrl.config import TrainConfig, to_config, uses_critic, uses_reference
+from tinyrl.config import ConfigError, TrainConfig, to_config, uses_critic, uses_reference
 from tinyrl.console import Progress, held_out_line
 from tinyrl.devices import resolve_attn_implementation, resolve_dtype
 from tinyrl.distributed import OPTIMIZER_DIR, World, init_world
@@ -812,7 +812,7 @@ class RLTrainer:
         self.extra_state = state.get("extra", {})
         pending, k = state.get("pending", []), state.get("max_staleness", 0)
         if pending and k != self.cfg.trainer.max_staleness:
-            raise ValueError(f"trainer.max_staleness: the checkpoint holds {len(pending)} batch(es) sampled ahead with "
+            raise ConfigError(f"trainer.max_staleness: the checkpoint holds {len(pending)} batch(es) sampled ahead with "
                              f"max_staleness={k}; resume with trainer.max_staleness={k}")
         self.pending = deque(SampledBatch.from_state(sampled) for sampled in pending)
         self.engine_start_version = self.step_count  # the engine was started from this checkpoint's weights
