@@ -255,7 +255,7 @@ def test_verl_scorers_that_start_processes_give_in_workers_what_they_give_in_pro
     from tinyrl.data import write_rows
     from tinyrl.task import get_task
 
-    cases = [  # (data_source, ground truth, completion): the two cases, an equivalent form, a wrong answer
+    cases = [  # (data_source, ground truth, completion): the two reported cases, an equivalent form, a wrong answer
         ("numina_cn_k12", "\\frac{1}{2}", "The answer is \\boxed{0.5}"),
         ("numina_cn_k12", "x^2+2x+1", "\\boxed{(x+1)^2}"),
         ("numina_synthetic_math", "\\sqrt{2}", "so \\boxed{\\sqrt 2}"),
