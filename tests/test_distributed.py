@@ -232,3 +232,44 @@ def test_cpu_offload_without_torchrun_and_gpus_fails_before_any_work(tiny_model_
     with pytest.raises(ConfigError, match="distributed.cpu_offload: .* needs CUDA GPUs and a torchrun launch"):
         train(load_config(_overrides(tiny_model_dir, tmp_path / "run", "distributed.cpu_offload=true")))
     assert not (tmp_path / "run").exists()
+
+
+END_OF_RANK = """
+import atexit, sys, threading, time
+from pathlib import Path
+from tinyrl.distributed import end_rank_process
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
+
+
+class Finalized:
+    def __del__(self):
+        (out / "finalized").write_text("ran")
+
+
+kept = Finalized()
+sys.stdout.write("still buffered")  # stdout is a pipe: block-buffered, and no newline
+end_rank_process()
+print("not reached")
+"""
+
+
+def test_a_finished_rank_exits_without_interpreter_finalization_after_what_exit_must_do(tmp_path, monkeypatch):
+    """A rank that ends normally skips interpreter finalization (where a gloo worker thread freeing a collective's
+    tensor aborts the process, see `end_rank_process`), after what a normal exit does that a run relies on:
+    non-daemon threads finish, atexit handlers run, buffered output arrives, status 0."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    done = subprocess.run([sys.executable, "-c", END_OF_RANK, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "still buffered"
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert not (tmp_path / "finalized").exists()
+
+    from tinyrl.distributed import end_rank_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    end_rank_process()  # outside torchrun: nothing happens, the caller goes on

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,10 +120,19 @@ def _sft(cfg: DictConfig) -> float:
 
 def train_main(argv: Sequence[str] | None = None) -> None:
     _dispatch("tinyrl-train", _train, lambda overrides: _run_training(overrides, "train"), argv)
+    _end_rank_process()
 
 
 def sft_main(argv: Sequence[str] | None = None) -> None:
     _dispatch("tinyrl-sft", _sft, lambda overrides: _run_training(overrides, "sft"), argv)
+    _end_rank_process()
+
+
+def _end_rank_process() -> None:
+    if "WORLD_SIZE" in os.environ:  # torchrun's rank (imports torch; a plain run need not)
+        from tinyrl.distributed import end_rank_process
+
+        end_rank_process()
 
 
 # ---------------------------------------------------------------------------------------------- tinyrl-eval

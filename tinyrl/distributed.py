@@ -567,6 +567,35 @@ def shutdown_world() -> None:
     _WORLD = None
 
 
+def end_rank_process() -> None:
+    """End a torchrun rank's process after its run ended normally and `shutdown_world` ran: what interpreter exit
+    would do that matters (waiting for non-daemon threads, atexit handlers: logging, multiprocessing children,
+    temporary files; flushing the standard streams), then `os._exit(0)` without interpreter finalization. Nothing
+    happens outside torchrun.
+
+    Why: FSDP2 keeps the gloo process group its mesh uses alive in C++ past `destroy_process_group` and `gc.collect`,
+    so that group's worker threads still run at exit. A worker that drops the last reference to a finished
+    collective's tensor whose Python object is already gone must take the GIL to free it; once the interpreter is
+    finalizing, taking the GIL ends the thread inside a C++ destructor, and the process aborts ("terminate called
+    without an active exception", exit -6) after the run's work is done and saved. It needs the worker to be
+    descheduled for that instant, so it is rare and load-dependent (a core dump of one shows the worker in
+    `~AsyncBroadcastWork` -> `take_gil` -> `pthread_exit` while the main thread is in `Py_FinalizeEx`)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return
+    import atexit
+    import sys
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def process_group_backend(device_type: str) -> str:
     """The default process group's backends: NCCL for CUDA tensors and gloo for CPU tensors on a GPU run.
 
