@@ -86,17 +86,22 @@ def test_submitted_generations_are_sampled_by_the_weights_loaded_before_their_su
         engine.load_weights(policy_named_tensors(model))
 
 
-def test_grpo_one_step_off_against_a_running_server(served, tiny_model_dir, tmp_path):
-    _, _, engine = served
-    run = tmp_path / "run"
-    train(load_config([
+def _server_run(tiny_model_dir, run, engine, *extra):
+    """Overrides of a short GRPO run of the tiny model that samples from the running server."""
+    return [
         f"model.path={tiny_model_dir}", f"run_dir={run}", f"task.name={TASK}", "task=custom", "task.train_size=32",
         "task.eval_size=4", "task.reward_workers=0", "sft.enabled=false", "rollout=vllm", "rollout.layout=server",
         f"rollout.server_url={engine.url}", "rollout.n=4", "rollout.max_response_tokens=8",
-        "rollout.max_prompt_tokens=64", "trainer.steps=3", "trainer.prompts_per_step=4",
-        "trainer.prompts_per_mini_batch=4", "trainer.lr=3e-2", "trainer.samples_every=0", "logging.progress=false",
-        "logging.plot=false", "threads=1", "trainer.max_staleness=1", "algorithm.rollout_correction.rollout_is=token",
-    ]))
+        "rollout.max_prompt_tokens=64", "trainer.prompts_per_step=4", "trainer.prompts_per_mini_batch=4",
+        "trainer.samples_every=0", "logging.progress=false", "logging.plot=false", "threads=1", *extra,
+    ]
+
+
+def test_grpo_one_step_off_against_a_running_server(served, tiny_model_dir, tmp_path):
+    _, _, engine = served
+    run = tmp_path / "run"
+    train(load_config(_server_run(tiny_model_dir, run, engine, "trainer.steps=3", "trainer.lr=3e-2",
+                                  "trainer.max_staleness=1", "algorithm.rollout_correction.rollout_is=token")))
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "async/staleness" in r]
     assert [r["async/sampler_version"] for r in steps] == [0, 0, 1]
@@ -107,14 +112,7 @@ def test_grpo_one_step_off_against_a_running_server(served, tiny_model_dir, tmp_
 def test_grpo_steps_against_a_running_server(served, tiny_model_dir, tmp_path):
     _, _, engine = served
     run = tmp_path / "run"
-    train(load_config([
-        f"model.path={tiny_model_dir}", f"run_dir={run}", f"task.name={TASK}", "task=custom", "task.train_size=32",
-        "task.eval_size=4", "task.reward_workers=0", "sft.enabled=false", "rollout=vllm", "rollout.layout=server",
-        f"rollout.server_url={engine.url}", "rollout.n=4", "rollout.max_response_tokens=8",
-        "rollout.max_prompt_tokens=64", "trainer.steps=2", "trainer.prompts_per_step=4",
-        "trainer.prompts_per_mini_batch=4", "trainer.lr=3e-3", "trainer.samples_every=0", "logging.progress=false",
-        "logging.plot=false", "threads=1",
-    ]))
+    train(load_config(_server_run(tiny_model_dir, run, engine, "trainer.steps=2", "trainer.lr=3e-3")))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
