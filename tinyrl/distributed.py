@@ -28,11 +28,14 @@ with this rank, the phase, and the phase every other rank last reached (`mark`, 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
 import logging
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -582,10 +585,6 @@ def end_rank_process() -> None:
     `~AsyncBroadcastWork` -> `take_gil` -> `pthread_exit` while the main thread is in `Py_FinalizeEx`)."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return
-    import atexit
-    import sys
-    import threading
-
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
